@@ -1,0 +1,227 @@
+"""Run directories: manifests, atomic writes and resumable result streams.
+
+A run is ``papermill_runs/<stage>/<run_id>/`` holding ``manifest.json`` (parameters, roles, prompt
+versions, git commit and dirty flag, package versions, seeds), data files and logs. Results are
+appended one JSON line at a time and flushed, so a killed run resumes from what is on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Packages whose versions every manifest records.
+TRACKED_PACKAGES = (
+    "steerkit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "aiohttp",
+    "papermill", "plotly", "lifelines", "unsloth", "vllm",
+)
+#: Environment variables that must never reach a file (their values are scrubbed from manifests).
+SECRET_ENV = ("OPENAI_API_KEY", "STEERKIT_API_KEY", "HF_TOKEN", "WANDB_API_KEY")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS_ROOT = REPO_ROOT / "papermill_runs"
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def git_revision(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """The commit and dirty flag of the working tree (None when not a git checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def scrub_secrets(value: Any) -> Any:
+    """Replace the values of secret environment variables anywhere inside ``value``."""
+    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
+    if not secrets:
+        return value
+    text = json.dumps(value, default=str)
+    for s in secrets:
+        text = text.replace(s, "***")
+    return json.loads(text)
+
+
+def new_run_id(prefix: str = "") -> str:
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{prefix}{stamp}-{os.getpid() % 10000:04d}"
+
+
+@dataclass
+class Run:
+    """A run directory; create with `open_run`."""
+
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def update_manifest(self, **fields: Any) -> None:
+        """Merge fields into the manifest and rewrite it atomically."""
+        self.manifest.update(scrub_secrets(fields))
+        atomic_write_json(self.path / "manifest.json", self.manifest)
+
+    def results(self, name: str) -> ResultLog:
+        return ResultLog(self.path / name)
+
+    def finish(self, **summary: Any) -> None:
+        self.update_manifest(
+            status="finished", finished_at=_dt.datetime.now(_dt.UTC).isoformat(), summary=summary
+        )
+
+
+def open_run(
+    stage: str,
+    *,
+    run_id: str | None = None,
+    root: str | Path | None = None,
+    parameters: dict[str, Any] | None = None,
+    roles: dict[str, str] | None = None,
+    prompts: dict[str, str] | None = None,
+    seeds: dict[str, int] | None = None,
+    inputs: dict[str, str] | None = None,
+) -> Run:
+    """Create or reopen ``<root>/<stage>/<run_id>`` and write its manifest.
+
+    Reopening an existing run (same id) resumes it: the manifest keeps its creation time and records
+    each resume, and parameters that differ from the recorded ones are an error, since mixing them
+    would make the results meaningless.
+    """
+    root = Path(root) if root is not None else DEFAULT_RUNS_ROOT
+    path = root / stage / (run_id or new_run_id())
+    path.mkdir(parents=True, exist_ok=True)
+    mpath = path / "manifest.json"
+    params = scrub_secrets(parameters or {})
+    if mpath.exists():
+        manifest = json.loads(mpath.read_text())
+        old = manifest.get("parameters", {})
+        changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if changed:
+            raise ValueError(
+                f"{mpath}: run {path.name!r} was started with other parameters ({', '.join(changed)});"
+                " resume it with the same parameters or choose a new run_id"
+            )
+        manifest.setdefault("resumed_at", []).append(_dt.datetime.now(_dt.UTC).isoformat())
+        manifest["status"] = "running"
+    else:
+        manifest = {
+            "stage": stage,
+            "run_id": path.name,
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
+            "status": "running",
+            "parameters": params,
+            "roles": roles or {},
+            "prompts": prompts or {},
+            "seeds": seeds or {},
+            "inputs": inputs or {},
+            "git": git_revision(),
+            "packages": package_versions(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        }
+    run = Run(path=path, manifest=manifest)
+    atomic_write_json(mpath, scrub_secrets(manifest))
+    return run
+
+
+class ResultLog:
+    """An append-only JSONL file of results keyed by ``key``; the unit of resume.
+
+    Each record is written as one line and flushed; a line cut short by a kill is ignored on reading
+    (and rewritten when the item is redone), so a half-written record never reads as valid.
+    """
+
+    def __init__(self, path: Path, key: str = "id", *, fsync: bool = True) -> None:
+        self.path = path
+        self.key = key
+        self.fsync = fsync
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a record cut short by a kill (%d bytes)", self.path, len(data) - cut)
+            with self.path.open("r+b") as f:
+                f.truncate(cut)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+    def done_keys(self) -> set[str]:
+        return {str(r[self.key]) for r in self}
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(scrub_secrets(record), ensure_ascii=False, default=str) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -1,0 +1,61 @@
+"""Shared fixtures. Everything runs offline on CPU; heavy models are built once per test run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-gpu", action="store_true", help="run tests that need an NVIDIA GPU")
+    parser.addoption("--run-api", action="store_true", help="run tests that call a hosted API")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, flag in (("gpu", "--run-gpu"), ("api", "--run-api")):
+        if not config.getoption(flag):
+            skip = pytest.mark.skip(reason=f"needs {flag} (see tests/QUARANTINE.md)")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Qwen2.5-VL (model, tokenizer, processor) built in code and saved; reload it from here."""
+    from steerkit.models import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded SmolLM2-135M-Instruct, re-materialised once into the git-ignored cache."""
+    from steerkit.models import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture
+def loopback_server():
+    """Start `steerkit.serve.LoopbackServer` on 127.0.0.1; yields a factory taking server options."""
+    from steerkit.serve import LoopbackServer
+
+    servers: list[LoopbackServer] = []
+
+    def start(**options):
+        server = LoopbackServer(**options)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
