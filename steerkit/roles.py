@@ -30,12 +30,12 @@ def make_backend(spec: str) -> Backend:
     kind, _, rest = spec.partition(":")
     match kind:
         case "openai":
-            from steerkit.backends.openai_compat import OpenAICompatBackend
-
             target, _, key_env = rest.partition("#")
             model, sep, base_url = target.rpartition("@")
             if not sep or not model or not base_url:
                 raise ValueError(f"role spec {spec!r}: write openai:<model>@<base_url>")
+            from steerkit.backends.openai_compat import OpenAICompatBackend
+
             return OpenAICompatBackend(model=model, base_url=base_url, api_key_env=key_env or "OPENAI_API_KEY")
         case "hf":
             from steerkit.backends.hf_local import HFLocalBackend
