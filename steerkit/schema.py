@@ -376,3 +376,28 @@ def to_dataset(rows: list[dict[str, Any]]):  # -> datasets.Dataset
     import datasets
 
     return datasets.Dataset.from_list(rows)
+
+
+def read_parquet(cls: type[R], path: str | Path, *, check_images: bool = True) -> Iterator[R]:
+    """Records from a Parquet file, strictly; errors name the file, the row (as line) and the field."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise RecordError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield parse_line(cls, json.dumps(row, default=str), path=path, lineno=i, check_images=check_images)
+
+
+def load_records(cls: type[R], path: str | Path, *, check_images: bool = True) -> list[R]:
+    """Records from ``.jsonl`` or ``.parquet``, by suffix."""
+    path = Path(path)
+    match path.suffix:
+        case ".jsonl" | ".json":
+            return load_jsonl(cls, path, check_images=check_images)
+        case ".parquet":
+            return list(read_parquet(cls, path, check_images=check_images))
+        case _:
+            raise RecordError(f"{path}: unknown format {path.suffix!r}; use .jsonl or .parquet")
