@@ -45,5 +45,7 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_bytes: int
             return img.convert("RGB")
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None

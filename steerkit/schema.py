@@ -43,11 +43,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: Longest message accepted, in characters. A chat turn this long is a data error (or an attempt to
+#: exhaust memory); real turns in STEER average well under 1,000 characters.
+MAX_MESSAGE_CHARS = 100_000
+
+
 class Message(_Strict):
     """One chat message: text plus references to images (paths relative to the data root)."""
 
     role: Role
-    content: str
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
     images: list[str] = Field(default_factory=list)
 
 
