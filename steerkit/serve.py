@@ -1,0 +1,528 @@
+"""A real OpenAI-compatible chat server on loopback, for tests, benchmarks and offline demos.
+
+`LoopbackServer` serves any steerkit backend (a `ScriptedBackend` function, the embedded SmolLM2,
+an ``hf:`` checkpoint) over aiohttp in a background thread with its own event loop, and can inject
+faults at given rates so that the client's retry and classification paths meet real sockets::
+
+    server = LoopbackServer(ScriptedBackend(lambda r: "ok"), latency=0.05,
+                            faults={"http500": 0.05, "http429": 0.02, "timeout": 0.01}).start()
+    client = ChatClient(make_backend(f"openai:scripted:scripted@{server.base_url}"))
+    ...
+    server.stats()   # {"requests": ..., "outcomes": {"ok": ..., "http500": ...}, "max_in_flight": ...}
+    server.stop()
+
+From a shell (``--fault`` repeats; ``--backend`` takes a role spec)::
+
+    python -m steerkit.serve --port 8000 --latency 0.05
+    python -m steerkit.serve --backend smollm2 --fault http500=0.05 --fault http429=0.02
+
+Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /stats`` (request counters by
+outcome, requests in flight and the most seen at once).
+
+The wire format is plain OpenAI, nothing added: the served backend sees a `Request` rebuilt from the
+messages (text, images saved under a temporary folder and referenced from ``Request.root``) and the
+sampling parameters, with no ``task`` or ``fields``. So backends that answer from the messages
+(scripted functions, real models) can be served; the ``rules`` backend, which dispatches on
+``Request.task``, cannot, and is used in-process instead. Any client that speaks OpenAI can use the
+server unchanged, and no client needs a special case for it.
+
+Faults (rates in [0, 1], summing to at most 1), decided per request by a hash of the seed, the body
+and how many times that same body has arrived, so a run's fault pattern does not depend on the order
+in which concurrent requests land:
+
+- ``http500``: status 500 with an OpenAI-style error body;
+- ``http429``: status 429 with ``Retry-After: <retry_after>``;
+- ``timeout``: no answer for ``hang`` seconds (the client's timeout should fire first), then 504;
+- ``malformed``: status 200 with a body that is not JSON;
+- ``truncated``: status 200 promising the whole body, half of it sent, then the connection dropped;
+- ``disconnect``: the connection closed before any response;
+- ``blocked``: status 400 with error code ``content_filter`` (a policy refusal: not retried).
+
+The server binds loopback addresses only: it has no authentication and is not a production server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import ipaddress
+import json
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from steerkit.clients import Backend, Reply, Request, Sampling
+from steerkit.schema import Message
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("http500", "http429", "timeout", "malformed", "truncated", "disconnect", "blocked")
+_EXT_BY_MIME = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp"}
+
+
+class BadRequest(ValueError):
+    """A request body the server cannot serve; answered with 400 and this message."""
+
+
+def check_loopback(host: str) -> str:
+    """The host if it is a loopback address, else a ValueError.
+
+    >>> check_loopback("127.0.0.1")
+    '127.0.0.1'
+    >>> check_loopback("0.0.0.0")
+    Traceback (most recent call last):
+    ...
+    ValueError: LoopbackServer binds loopback addresses only (127.0.0.1, ::1, localhost), not '0.0.0.0'
+    """
+    if host == "localhost":
+        return host
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"LoopbackServer binds loopback addresses only (127.0.0.1, ::1, localhost), not {host!r}"
+        )
+    return host
+
+
+def check_faults(faults: dict[str, float] | None) -> dict[str, float]:
+    """Validated fault rates in the fixed order of `FAULTS`.
+
+    >>> check_faults({"http429": 0.02, "http500": 0.05})
+    {'http500': 0.05, 'http429': 0.02}
+    >>> check_faults({"http404": 0.1})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown fault 'http404'; faults are http500, http429, timeout, malformed, truncated, disconnect, blocked
+    """
+    faults = dict(faults or {})
+    for name, rate in faults.items():
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {name!r}; faults are {', '.join(FAULTS)}")
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"fault {name!r}: rate {rate} is not in [0, 1]")
+    if sum(faults.values()) > 1.0 + 1e-9:
+        raise ValueError(f"fault rates sum to {sum(faults.values()):.3f} > 1")
+    return {name: float(faults[name]) for name in FAULTS if faults.get(name)}
+
+
+class LoopbackServer:
+    """An OpenAI-compatible server on loopback in a background thread (see the module docstring).
+
+    Args:
+        backend: the model behind the server; None serves the ``scripted:echo`` double.
+        latency: seconds added before every answer (a stand-in for model time).
+        host: a loopback address.
+        port: 0 picks a free port; read it back from `base_url`.
+        faults: fault name -> rate (see `FAULTS`).
+        seed: seeds the fault pattern.
+        retry_after: the ``Retry-After`` value, in seconds, of injected 429s.
+        hang: seconds an injected timeout holds the request before answering 504.
+        model: the model name served; requests naming another get 404 (as vLLM does).
+            Defaults to ``backend.model``.
+        journal: keep (last user message, outcome) for every request; read with `journal`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        latency: float = 0.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: dict[str, float] | None = None,
+        seed: int = 0,
+        retry_after: float = 1.0,
+        hang: float = 30.0,
+        model: str | None = None,
+        journal: bool = False,
+    ) -> None:
+        if backend is None:
+            from steerkit.backends.scripted import named_double
+
+            backend = named_double("echo")
+        self.backend = backend
+        self.model = model or backend.model
+        self.latency = float(latency)
+        self.host = check_loopback(host)
+        self.port = port
+        self.faults = check_faults(faults)
+        self.seed = seed
+        self.retry_after = retry_after
+        self.hang = hang
+        self._keep_journal = journal
+        self._journal: list[tuple[str, str]] = []
+        self._outcomes: Counter[str] = Counter()
+        self._seen: Counter[bytes] = Counter()
+        self._requests = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._images = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._image_dir: Path | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The API root to give a client, e.g. ``http://127.0.0.1:41234/v1``."""
+        if self._runner is None:
+            raise RuntimeError("the server is not started; call start() first")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self) -> LoopbackServer:
+        """Bind the port and serve from a background thread; returns self."""
+        if self._thread is not None:
+            raise RuntimeError("the server is already started")
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._image_dir = Path(tempfile.mkdtemp(prefix="steerkit-serve-"))
+        self._thread = threading.Thread(target=loop.run_forever, name="steerkit-serve", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._bind(), loop).result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("serving %s on %s", self.model, self.base_url)
+        return self
+
+    async def _bind(self) -> None:
+        app = web.Application(client_max_size=256 * 1024**2)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats_endpoint)
+        # handler_cancellation: a client that gives up (timeout) frees its hanging handler at once
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    def stop(self) -> None:
+        """Stop serving, cancel hanging requests, join the thread; safe to call twice."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._runner is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=30)
+            except Exception:  # a failed shutdown must not hide the test's own result
+                log.exception("loopback server: shutdown failed")
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        if not thread.is_alive():
+            loop.close()
+        self._thread = self._loop = None
+        if self._image_dir is not None:
+            shutil.rmtree(self._image_dir, ignore_errors=True)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (taken on the server's loop, so it is consistent)."""
+        if self._loop is None:
+            return self._snapshot()
+
+        async def snap() -> dict[str, Any]:
+            return self._snapshot()
+
+        return asyncio.run_coroutine_threadsafe(snap(), self._loop).result(timeout=30)
+
+    def journal(self) -> list[tuple[str, str]]:
+        """(last user message, outcome) per finished request, in finishing order (``journal=True``)."""
+        if self._loop is None:
+            return list(self._journal)
+
+        async def snap() -> list[tuple[str, str]]:
+            return list(self._journal)
+
+        return asyncio.run_coroutine_threadsafe(snap(), self._loop).result(timeout=30)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "requests": self._requests,
+            "outcomes": dict(self._outcomes),
+            "in_flight": self._in_flight,
+            "max_in_flight": self._max_in_flight,
+            "images": self._images,
+        }
+
+    async def _stats_endpoint(self, request: web.Request) -> web.Response:
+        return web.json_response(self._snapshot())
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "steerkit"}]}
+        )
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _draw_fault(self, raw: bytes) -> str | None:
+        """The fault for this arrival: a hash of (seed, body, arrival count of the body)."""
+        digest = hashlib.sha256(raw).digest()
+        n = self._seen[digest]
+        self._seen[digest] = n + 1
+        h = hashlib.sha256(b"%d:%d:" % (self.seed, n) + digest).digest()
+        u = int.from_bytes(h[:8], "big") / 2.0**64
+        edge = 0.0
+        for name, rate in self.faults.items():
+            edge += rate
+            if u < edge:
+                return name
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self._requests += 1
+        self._in_flight += 1
+        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        outcome, label = "cancelled", ""
+        try:
+            raw = await request.read()
+            fault = self._draw_fault(raw) if self.faults else None
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            try:
+                body = json.loads(raw)
+                if not isinstance(body, dict):
+                    raise BadRequest("the body must be a JSON object")
+                label = _last_user_text(body)
+                if fault in ("timeout", "http500", "http429", "disconnect", "blocked"):
+                    outcome = fault
+                    return await self._fault_response(request, fault)
+                if body.get("model") != self.model:
+                    outcome = "not_found"
+                    return _error(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
+                chat_request = self._to_request(body)
+            except BadRequest as exc:
+                outcome = "bad_request"
+                return _error(400, str(exc), "invalid_request_error")
+            except ValueError as exc:  # invalid JSON
+                outcome = "bad_request"
+                return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
+            try:
+                (reply,) = await self.backend.generate([chat_request])
+            except Exception as exc:
+                log.exception("loopback server: backend %s failed", self.model)
+                outcome = "backend_error"
+                return _error(500, f"backend failed: {type(exc).__name__}: {exc}", "server_error")
+            if reply.finish == "error":
+                outcome = "backend_error"
+                return _error(500, f"backend failed: {reply.error}", "server_error")
+            payload = self._completion(reply, chat_request)
+            match fault:
+                case "malformed":
+                    outcome = fault
+                    return web.Response(body=payload[: len(payload) // 2] + b"<html>", content_type="application/json")
+                case "truncated":
+                    outcome = fault
+                    return await self._cut_short(request, payload)
+            outcome = "blocked" if reply.finish == "blocked" else "ok"
+            return web.Response(body=payload, content_type="application/json")
+        finally:
+            self._in_flight -= 1
+            self._outcomes[outcome] += 1
+            if self._keep_journal:
+                self._journal.append((label, outcome))
+
+    async def _fault_response(self, request: web.Request, fault: str) -> web.StreamResponse:
+        match fault:
+            case "http500":
+                return _error(500, "injected server error", "server_error")
+            case "http429":
+                resp = _error(429, "injected rate limit", "rate_limit_exceeded")
+                resp.headers["Retry-After"] = f"{self.retry_after:g}"
+                return resp
+            case "blocked":
+                return _error(400, "injected content filter", "content_filter")
+            case "timeout":
+                await asyncio.sleep(self.hang)
+                return _error(504, "injected timeout", "timeout")
+            case _:  # disconnect
+                return await self._cut_short(request, b"")
+
+    async def _cut_short(self, request: web.Request, payload: bytes) -> web.StreamResponse:
+        """Send headers promising ``payload`` (none if empty), half the body, then drop the socket."""
+        transport = request.transport
+        if payload:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(payload)
+            await resp.prepare(request)
+            await resp.write(payload[: len(payload) // 2])
+        if transport is not None:
+            transport.abort()
+        raise asyncio.CancelledError  # aiohttp ends the handler quietly; nothing more is written
+
+    def _to_request(self, body: dict[str, Any]) -> Request:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise BadRequest(f"messages[{i}].role must be system, user or assistant")
+            content = m.get("content")
+            if isinstance(content, str):
+                out.append(Message(role=m["role"], content=content))
+                continue
+            if not isinstance(content, list):
+                raise BadRequest(f"messages[{i}].content must be a string or a list of parts")
+            texts, images = [], []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    texts.append(str(part.get("text", "")))
+                elif kind == "image_url":
+                    images.append(self._save_image((part.get("image_url") or {}).get("url", ""), f"messages[{i}].content[{j}]"))
+                else:
+                    raise BadRequest(f"messages[{i}].content[{j}].type must be text or image_url")
+            out.append(Message(role=m["role"], content="\n".join(texts), images=images))
+        try:
+            sampling = Sampling(
+                temperature=float(body.get("temperature", 1.0)),
+                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 512),
+                top_p=float(body.get("top_p", 1.0)),
+                seed=None if body.get("seed") is None else int(body["seed"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"sampling parameters: {exc}") from None
+        return Request(messages=out, sampling=sampling, root=self._image_dir)
+
+    def _save_image(self, url: str, where: str) -> str:
+        """Decode a base64 data URL into the image folder; the file name is its sha256."""
+        head, sep, data = url.partition(",")
+        if not (url.startswith("data:") and sep and head.endswith(";base64")):
+            raise BadRequest(f"{where}: only base64 data URLs are accepted (this server cannot fetch)")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except binascii.Error as exc:
+            raise BadRequest(f"{where}: invalid base64 ({exc})") from None
+        name = hashlib.sha256(raw).hexdigest() + _EXT_BY_MIME.get(head[5:-7], ".img")
+        assert self._image_dir is not None
+        path = self._image_dir / name
+        if not path.exists():
+            path.write_bytes(raw)
+        self._images += 1
+        return name
+
+    def _completion(self, reply: Reply, request: Request) -> bytes:
+        # a backend that does not count tokens gets whitespace words: enough to test accounting
+        prompt_tokens = reply.prompt_tokens or sum(len(m.content.split()) for m in request.messages)
+        completion_tokens = reply.completion_tokens or len(reply.text.split())
+        finish = {"blocked": "content_filter", "length": "length"}.get(reply.finish, "stop")
+        return json.dumps(
+            {
+                "id": f"chatcmpl-{self._requests}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": finish}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+            ensure_ascii=False,
+        ).encode()
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, list):
+                c = " ".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+            return str(c)[:200]
+    return ""
+
+
+def _error(status: int, message: str, code: str) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": code, "code": code, "param": None}}, status=status
+    )
+
+
+def _parse_fault(text: str) -> tuple[str, float]:
+    name, sep, rate = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--fault {text!r}: write NAME=RATE, e.g. http500=0.05")
+    try:
+        return name, float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fault {text!r}: the rate must be a number") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m steerkit.serve``: serve until interrupted; prints the base URL on the first line."""
+    p = argparse.ArgumentParser(prog="python -m steerkit.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="a loopback address")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    p.add_argument("--backend", default="scripted:echo", help="role spec of the served model (not openai:)")
+    p.add_argument("--model", default=None, help="served model name (default: the backend's)")
+    p.add_argument("--fault", type=_parse_fault, action="append", default=[], help="NAME=RATE, repeatable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retry-after", type=float, default=1.0)
+    p.add_argument("--hang", type=float, default=30.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from steerkit.roles import make_backend
+
+    if args.backend.startswith("openai:"):
+        p.error("--backend openai:... would proxy another server; serve a local backend")
+    server = LoopbackServer(
+        make_backend(args.backend),
+        latency=args.latency,
+        host=args.host,
+        port=args.port,
+        faults=dict(args.fault),
+        seed=args.seed,
+        retry_after=args.retry_after,
+        hang=args.hang,
+        model=args.model,
+    ).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print(server.base_url, flush=True)  # the first line: scripts read the port from it
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
