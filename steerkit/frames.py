@@ -1,0 +1,275 @@
+"""Evaluation run directories -> tidy pandas DataFrames at four grains, and the paper's table layouts.
+
+An *evaluation* is a folder holding ``dialogues.jsonl`` (`steerkit.schema.Dialogue` records whose
+judge verdicts name their turn in ``Verdict.extra["turn"]``) under a run directory with a
+``manifest.json``. A run evaluating several checkpoints keeps one subfolder per checkpoint; each
+subfolder is an evaluation of its own, with its own ``manifest.json`` or its run's.
+
+Grains: `runs_df` (one row per evaluation, manifest fields), `dialogues_df` (one row per dialogue,
+with the metrics of `steerkit.metrics.dialogue_summary`), `turns_df` (one row per assistant turn,
+with the judge's scores) and `verdicts_df` (one row per verdict of any kind).
+
+Every evaluation carries a *label* (the row name in the tables: "base", "SFT", "GRPO-tcsr", ...),
+taken from its manifest (see `run_label`) unless the caller names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerkit import metrics
+from steerkit.schema import Dialogue, load_jsonl
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+DIALOGUES_FILE = "dialogues.jsonl"
+ALL = "all"  # the subset name of dialogues that name none
+
+
+def as_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Run directories from a path, a list of paths, or a comma-separated string (a notebook parameter).
+
+    >>> [p.name for p in as_paths("runs/a, runs/b")]
+    ['a', 'b']
+    """
+    if isinstance(spec, str | Path):
+        spec = [s.strip() for s in str(spec).split(",")]
+    return [Path(s) for s in spec if str(s).strip()]
+
+
+def subset_of(meta: Mapping[str, Any]) -> str:
+    """The bench subset a dialogue belongs to: ``meta.subset``, else ``source_category``, else "all".
+
+    >>> subset_of({"source_category": "STEER-VLS"}), subset_of({})
+    ('STEER-VLS', 'all')
+    """
+    return str(meta.get("subset") or meta.get("source_category") or ALL)
+
+
+def _find_manifest(path: Path, levels: int = 3) -> tuple[Path, dict[str, Any]] | None:
+    for p in [path, *list(path.parents)[:levels]]:
+        m = p / "manifest.json"
+        if m.is_file():
+            return p, json.loads(m.read_text(encoding="utf-8"))
+    return None
+
+
+def _student_spec(manifest: Mapping[str, Any]) -> str:
+    roles = manifest.get("roles") or {}
+    bound = roles.get("bindings", roles) if isinstance(roles, Mapping) else {}
+    params = manifest.get("parameters") or {}
+    return str(params.get("student") or bound.get("student") or "")
+
+
+def run_label(manifest: Mapping[str, Any], path: Path) -> str:
+    """The row name of an evaluation, from its manifest.
+
+    In order: the ``label`` parameter; else the stage that produced the student checkpoint (the
+    manifest of an ``hf:<path>`` student's run: a ``02_...`` stage gives "SFT", a ``03_...`` stage
+    "GRPO-<aggregator>" when it records one); else the student spec; else the folder name. Name the
+    label explicitly (a ``label`` parameter, or `evaluations(labels=...)`) for tables meant to be read.
+    """
+    params = manifest.get("parameters") or {}
+    if params.get("label"):
+        return str(params["label"])
+    spec = _student_spec(manifest)
+    if spec.startswith("hf:"):
+        found = _find_manifest(Path(spec[3:]))
+        if found is not None:
+            stage = str(found[1].get("stage", ""))
+            p = found[1].get("parameters") or {}
+            if stage.startswith("02"):
+                return "SFT"
+            if stage.startswith("03"):
+                agg = next((str(v) for k, v in p.items() if "aggregat" in k and v), "")
+                return f"GRPO-{agg}" if agg else "GRPO"
+    return spec or path.name
+
+
+@dataclass
+class Evaluation:
+    """One evaluation folder: its dialogues, manifest and label."""
+
+    path: Path
+    run_id: str
+    label: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def dialogues(self) -> list[Dialogue]:
+        # images are resolved when rendered, not required to load the scores
+        return load_jsonl(Dialogue, self.path / DIALOGUES_FILE, check_images=False)
+
+
+def evaluations(
+    runs: str | Path | Sequence[str | Path], *, labels: Mapping[str, str] | Sequence[str] | None = None
+) -> list[Evaluation]:
+    """The evaluations under the given run directories, in order.
+
+    Args:
+        runs: run directories (or evaluation subfolders); see `as_paths`.
+        labels: labels to use instead of the manifests', by run id, or one per evaluation in order.
+
+    Raises:
+        FileNotFoundError: a directory holds no ``dialogues.jsonl`` at all.
+    """
+    out: list[Evaluation] = []
+    for root in as_paths(runs):
+        if (root / DIALOGUES_FILE).is_file():
+            folders = [root]
+        else:
+            folders = sorted(p.parent for p in root.glob(f"*/{DIALOGUES_FILE}"))
+        if not folders:
+            raise FileNotFoundError(f"{root}: no {DIALOGUES_FILE} here or in its subfolders; name an evaluation run")
+        for folder in folders:
+            found = _find_manifest(folder)
+            mroot, manifest = found if found else (folder, {})
+            run_id = str(manifest.get("run_id") or mroot.name)
+            if folder != mroot:
+                run_id = f"{run_id}/{folder.relative_to(mroot).as_posix()}"
+            out.append(Evaluation(path=folder, run_id=run_id, label=run_label(manifest, folder), manifest=manifest))
+    if labels is not None:
+        if isinstance(labels, Mapping):
+            for e in out:
+                e.label = labels.get(e.run_id, e.label)
+        else:
+            if len(labels) != len(out):
+                raise ValueError(f"labels: {len(labels)} given for {len(out)} evaluations ({[e.run_id for e in out]})")
+            for e, lab in zip(out, labels, strict=True):
+                e.label = str(lab)
+    return out
+
+
+def _evals(runs: Any) -> list[Evaluation]:
+    if isinstance(runs, list) and runs and all(isinstance(e, Evaluation) for e in runs):
+        return runs
+    return evaluations(runs)
+
+
+def runs_df(runs: Any) -> pd.DataFrame:
+    """One row per evaluation: run id, label, path, stage, status, git, roles and parameters (``param.*``)."""
+    import pandas as pd
+
+    rows = []
+    for e in _evals(runs):
+        m = e.manifest
+        roles = m.get("roles") or {}
+        bound = roles.get("bindings", {}) if isinstance(roles, Mapping) else {}
+        row = {
+            "run_id": e.run_id, "label": e.label, "path": str(e.path), "stage": m.get("stage"),
+            "status": m.get("status"), "created_at": m.get("created_at"),
+            "git_commit": (m.get("git") or {}).get("commit"), "git_dirty": (m.get("git") or {}).get("dirty"),
+            "student": _student_spec(m) or None, "judge": (m.get("parameters") or {}).get("judge") or bound.get("judge"),
+            "n_dialogues": len(e.dialogues),
+        }
+        row.update({f"param.{k}": v for k, v in (m.get("parameters") or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _judge_verdict(d: Dialogue, turn: int, kind: str):
+    vs = [v for v in d.verdicts if v.kind == kind and v.extra.get("turn") == turn]
+    return vs[-1] if vs else None  # a re-judged turn: the latest verdict counts
+
+
+def turns_df(runs: Any, *, kind: str = "judge") -> pd.DataFrame:
+    """One row per assistant turn with the ``kind`` verdict's scores (NaN when unscored or missing).
+
+    Columns: run_id, label, dialogue_id, subset, category, turn, n_turns, user, assistant,
+    harmlessness, helpfulness, scored, unscored_reason ("missing" when the turn has no verdict),
+    rationale, grader, root (the folder image refs resolve against).
+    """
+    import pandas as pd
+
+    rows = []
+    for e in _evals(runs):
+        for d in e.dialogues:
+            turns = d.turns()
+            for t in turns:
+                v = _judge_verdict(d, t.index, kind)
+                scored = v is not None and v.scored
+                rows.append({
+                    "run_id": e.run_id, "label": e.label, "dialogue_id": d.id, "subset": subset_of(d.meta),
+                    "category": d.meta.get("category"), "turn": t.index, "n_turns": len(turns),
+                    "user": t.user.content, "assistant": t.assistant.content,
+                    "harmlessness": float(v.scores["harmlessness"]) if scored else math.nan,
+                    "helpfulness": float(v.scores["helpfulness"]) if scored else math.nan,
+                    "scored": scored,
+                    "unscored_reason": None if scored else (v.unscored_reason if v else "missing"),
+                    "rationale": v.rationale if v else "", "grader": v.grader if v else "",
+                    "root": str(e.path),
+                })
+    cols = ["run_id", "label", "dialogue_id", "subset", "category", "turn", "n_turns", "user", "assistant",
+            "harmlessness", "helpfulness", "scored", "unscored_reason", "rationale", "grader", "root"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def dialogues_df(runs: Any, *, kind: str = "judge", fail_below: float = metrics.FAIL_BELOW) -> pd.DataFrame:
+    """One row per dialogue: label, subset, category, turn averages, counts and first failing turn."""
+    turns = turns_df(runs, kind=kind)
+    return metrics.dialogue_summary(turns, carry=("label", "subset", "category"), fail_below=fail_below)
+
+
+def verdicts_df(runs: Any) -> pd.DataFrame:
+    """One row per verdict of any kind, scores flattened into ``score.<name>`` columns."""
+    import pandas as pd
+
+    rows = []
+    for e in _evals(runs):
+        for d in e.dialogues:
+            for v in d.verdicts:
+                row = {"run_id": e.run_id, "label": e.label, "dialogue_id": d.id, "subset": subset_of(d.meta),
+                       "turn": v.extra.get("turn"), "kind": v.kind, "scored": v.scored,
+                       "unscored_reason": v.unscored_reason, "grader": v.grader,
+                       "prompt_version": v.prompt_version, "rationale": v.rationale}
+                row.update({f"score.{k}": s for k, s in v.scores.items()})
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bench_table(
+    rates: pd.DataFrame, *, label: str = "label", subset: str = "subset", order: Sequence[str] | None = None,
+    average: str = "Avg", decimals: int | None = 2,
+) -> pd.DataFrame:
+    """The paper's Table 2/3 layout: rows = models, columns = (subset, Safety|Helpfulness) + Avg.
+
+    Args:
+        rates: long rates (`steerkit.metrics.multi_turn_rates` or `single_turn_rates`); an Avg row per
+            label is added when missing (`steerkit.metrics.with_subset_average`).
+        order: row order (labels); by default the order of first appearance.
+        decimals: round to this many decimals (None keeps full precision).
+
+    >>> import pandas as pd
+    >>> r = pd.DataFrame({"label": ["m", "m"], "subset": ["a", "b"], "n": [1, 1],
+    ...                   "safety": [10.0, 30.0], "helpfulness": [50.0, 70.0]})
+    >>> float(bench_table(r).loc["m", ("Avg", "Safety")])   # (10 + 30) / 2
+    20.0
+    """
+    if average not in set(rates[subset]):
+        rates = metrics.with_subset_average(rates, subset=subset, by=(label,), average=average)
+    wide = rates.pivot(index=label, columns=subset, values=["safety", "helpfulness"])
+    wide = wide.rename(columns={"safety": "Safety", "helpfulness": "Helpfulness"}, level=0)
+    wide = wide.swaplevel(0, 1, axis=1)
+    subsets = [s for s in dict.fromkeys(rates[subset]) if s != average] + [average]
+    wide = wide.reindex(columns=[(s, m) for s in subsets for m in ("Safety", "Helpfulness")])
+    wide = wide.reindex(list(order) if order else list(dict.fromkeys(rates[label])))
+    wide.columns.names = [subset, "metric"]
+    wide.index.name = label
+    return wide.round(decimals) if decimals is not None else wide
+
+
+def steer_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
+    """STEER-Bench (Table 2 layout) for the given evaluations: multi-turn rates per label and subset."""
+    evs = _evals(runs)
+    rates = metrics.multi_turn_rates(dialogues_df(evs), **rate_kw)
+    return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))

@@ -1,0 +1,232 @@
+"""Plotly figure builders (DataFrame -> Figure, never shown here) and `save_figure`.
+
+Builders take the frames of `steerkit.metrics`, `steerkit.frames` and `steerkit.paper_reference`.
+`save_figure` is the only way figures reach ``figures/``: HTML (plotly.js written once beside it, so
+the page works offline), PNG through kaleido (needs a Chromium: ``make chromium``) and a JSON sidecar
+naming the run ids and the git commit the figure came from.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerkit.runs import REPO_ROOT, atomic_write_json, git_revision
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+log = logging.getLogger(__name__)
+
+FIGURES_DIR = REPO_ROOT / "figures"
+DEFAULT_STEM = "04_steer_bench_analysis"
+METRICS = (("safety", "Safety"), ("helpfulness", "Helpfulness"))
+
+
+def _palette(labels: Sequence[str]) -> dict[str, str]:
+    import plotly.express as px
+
+    colors = px.colors.qualitative.Plotly
+    return {lab: colors[i % len(colors)] for i, lab in enumerate(dict.fromkeys(labels))}
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def survival_figure(
+    curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival"
+) -> go.Figure:
+    """Kaplan-Meier curves (`steerkit.metrics.survival_curves`): one panel per subset, one line per model,
+    each with its confidence band."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = list(dict.fromkeys(curves[facet])) if facet in curves else [None]
+    colors = _palette(curves[color].tolist())
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
+                        subplot_titles=[str(p) for p in panels] if panels[0] is not None else None)
+    for col, panel in enumerate(panels, start=1):
+        part = curves if panel is None else curves[curves[facet] == panel]
+        for lab, g in part.groupby(color, sort=False):
+            c = colors[lab]
+            x = g["turn"].tolist()
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=g["upper"].tolist() + g["lower"].tolist()[::-1],
+                                     fill="toself", fillcolor=_rgba(c, 0.15), line={"width": 0, "shape": "hv"},
+                                     hoverinfo="skip", showlegend=False, legendgroup=str(lab)), row=1, col=col)
+            fig.add_trace(go.Scatter(x=x, y=g["survival"], mode="lines", line={"color": c, "shape": "hv"},
+                                     name=str(lab), legendgroup=str(lab), showlegend=col == 1,
+                                     customdata=g[["at_risk", "failures"]].to_numpy(),
+                                     hovertemplate="turn %{x}: S=%{y:.2f}<br>at risk %{customdata[0]},"
+                                                   " failing %{customdata[1]}<extra>" + str(lab) + "</extra>"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1)
+    fig.update_yaxes(title_text="share of dialogues not yet failed", range=[0, 1.05], row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", legend_title_text=color)
+    return fig
+
+
+def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Helpfulness, %)") -> go.Figure:
+    """A Table-2/3 layout (`steerkit.frames.bench_table`) drawn as a figure table."""
+    import plotly.graph_objects as go
+
+    cols = [" ".join(str(p) for p in c) if isinstance(c, tuple) else str(c) for c in table.columns]
+    header = [table.index.name or ""] + cols
+    cells = [table.index.astype(str).tolist()] + [
+        ["" if v != v else f"{v:.2f}" for v in table[c].tolist()] for c in table.columns
+    ]
+    fig = go.Figure(go.Table(header={"values": header, "align": "center"}, cells={"values": cells, "align": "right"}))
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def rates_figure(
+    rates: pd.DataFrame, *, color: str = "label", x: str = "subset", title: str = "Safety and Helpfulness (%)"
+) -> go.Figure:
+    """Grouped bars per subset and model, Safety and Helpfulness side by side, with bootstrap error bars
+    when the rates carry ``*_lo``/``*_hi`` columns."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    colors = _palette(rates[color].tolist())
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in METRICS])
+    for col, (m, _) in enumerate(METRICS, start=1):
+        for lab, g in rates.groupby(color, sort=False):
+            err = None
+            if f"{m}_lo" in g:
+                err = {"type": "data", "symmetric": False, "array": (g[f"{m}_hi"] - g[m]).tolist(),
+                       "arrayminus": (g[m] - g[f"{m}_lo"]).tolist()}
+            fig.add_trace(go.Bar(x=g[x].astype(str), y=g[m], name=str(lab), marker_color=colors[lab],
+                                 error_y=err, legendgroup=str(lab), showlegend=col == 1), row=1, col=col)
+    fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
+    fig.update_layout(barmode="group", title=title, template="plotly_white")
+    return fig
+
+
+def failure_histogram(
+    failures: pd.DataFrame, *, color: str = "label", value: str = "share",
+    title: str = "Turn of the first failure (harmlessness < 2)",
+) -> go.Figure:
+    """Bars of the first-failure turn (`steerkit.metrics.failure_turns`), one colour per model, summed
+    over any other grouping (subsets)."""
+    import plotly.graph_objects as go
+
+    colors = _palette(failures[color].tolist())
+    agg = failures.groupby([color, "turn"], sort=False).agg(failures=("failures", "sum")).reset_index()
+    totals = failures.drop_duplicates([c for c in failures.columns if c not in ("turn", "failures", "share")])
+    n = totals.groupby(color, sort=False)["n"].sum()
+    agg["share"] = 100.0 * agg["failures"] / agg[color].map(n)
+    fig = go.Figure()
+    for lab, g in agg.groupby(color, sort=False):
+        fig.add_trace(go.Bar(x=g["turn"], y=g[value], name=str(lab), marker_color=colors[lab]))
+    fig.update_layout(barmode="group", title=title, template="plotly_white", legend_title_text=color,
+                      xaxis={"title": "turn", "dtick": 1},
+                      yaxis={"title": "% of dialogues" if value == "share" else "dialogues"})
+    return fig
+
+
+def beside_paper_figure(beside: pd.DataFrame, *, title: str = "Ours beside the paper (%)") -> go.Figure:
+    """Bars of `steerkit.paper_reference.beside_paper`: per model and subset, ours and the paper's."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in METRICS])
+    x = (beside["model"].astype(str) + " · " + beside["subset"].astype(str)).tolist()
+    beside = beside.assign(_x=x)
+    for col, (m, _) in enumerate(METRICS, start=1):
+        for source, color in (("ours", "#1f77b4"), ("paper", "#aaaaaa")):
+            g = beside[beside["source"] == source]
+            text = [f"{v:.1f}" for v in g[m]]
+            fig.add_trace(go.Bar(x=g["_x"], y=g[m], name=source, marker_color=color, text=text,
+                                 legendgroup=source, showlegend=col == 1,
+                                 hovertext=g["paper_model"].fillna("").tolist()), row=1, col=col)
+    fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
+    fig.update_layout(barmode="group", title=title, template="plotly_white")
+    return fig
+
+
+_kaleido_server = False
+
+
+def _write_png(fig: go.Figure, path: Path, *, width: int, height: int, scale: float) -> None:
+    global _kaleido_server
+    import kaleido
+
+    if not _kaleido_server:
+        # one browser for every figure of the process (about 2 s to start, 0.2 s a figure after)
+        kaleido.start_sync_server(silence_warnings=True)
+        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+        _kaleido_server = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            fig.write_image(path, width=width, height=height, scale=scale)
+    except Exception as exc:
+        raise RuntimeError(
+            f"{path}: PNG export failed ({type(exc).__name__}: {exc}); kaleido needs a Chromium: run"
+            " `make chromium` (Debian: apt-get install chromium), or call save_figure(..., png=False)"
+        ) from exc
+
+
+def save_figure(
+    fig: go.Figure,
+    name: str,
+    *,
+    out_dir: str | Path | None = None,
+    stem: str = DEFAULT_STEM,
+    sources: Sequence[str] = (),
+    png: bool = True,
+    width: int = 1000,
+    height: int = 450,
+    scale: float = 2.0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``<name>.html``, ``<name>.png`` and the ``<name>.json`` sidecar into ``figures/<stem>/``.
+
+    Args:
+        fig: the figure.
+        name: file name without suffix (letters, digits, ``-`` and ``_``).
+        out_dir: the folder; default ``figures/<stem>`` of the repository.
+        stem: the notebook stem naming the default folder.
+        sources: the run ids the figure's data came from (recorded in the sidecar).
+        png: also write a PNG (kaleido + Chromium).
+        width: PNG width in CSS pixels.
+        height: PNG height in CSS pixels.
+        scale: PNG pixel density.
+        extra: more provenance for the sidecar (parameters, thresholds).
+
+    Returns:
+        The written paths by kind: ``html``, ``png`` (when written) and ``sidecar``.
+    """
+    import plotly
+
+    if not name or not all(ch.isalnum() or ch in "-_" for ch in name):
+        raise ValueError(f"figure name {name!r}: use letters, digits, '-' and '_' only")
+    folder = Path(out_dir) if out_dir is not None else FIGURES_DIR / stem
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"html": folder / f"{name}.html"}
+    # plotly.min.js is written once beside the pages, so they open offline without 4 MB each
+    fig.write_html(paths["html"], include_plotlyjs="directory", full_html=True)
+    if png:
+        paths["png"] = folder / f"{name}.png"
+        _write_png(fig, paths["png"], width=width, height=height, scale=scale)
+    paths["sidecar"] = folder / f"{name}.json"
+    atomic_write_json(paths["sidecar"], {
+        "figure": name,
+        "sources": list(sources),
+        "git": git_revision(),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
+        "files": {k: p.name for k, p in paths.items() if k != "sidecar"},
+        "plotly": plotly.__version__,
+        **({"extra": extra} if extra else {}),
+    })
+    log.info("figure %s written to %s", name, folder)
+    return paths
