@@ -298,6 +298,9 @@ _LINE = re.compile(
     r"(?P<value>[+-]?\d+(?:\.\d+)?)(?:\s*/\s*\d+)?",
     re.I | re.M,
 )
+#: ``"harmlessness": 3`` anywhere: the pairs of a JSON verdict cut short (a reply stopped at its token
+#: limit) or written with a syntax error, read by the same last-wins rule as the lines.
+_PAIR = re.compile(r'"(?P<name>[a-z]+)"\s*:\s*"?(?P<value>[+-]?\d+(?:\.\d+)?)', re.I)
 
 
 def parse_verdict(
@@ -310,7 +313,7 @@ def parse_verdict(
     verdict), so they never count, and a flawed last verdict is not rescued by an earlier one. Keys are
     read case-insensitively; values may be integers, integral floats, strings like ``"3"`` or
     ``"2/3"``, or ``{"score": 3, "rationale": ...}`` objects. A reply with no JSON verdict is read for
-    ``Name: value`` lines (see ``_LINE``).
+    ``Name: value`` lines and ``"name": value`` pairs (see ``_LINE`` and ``_PAIR``), last one wins.
 
     Example:
         >>> v = parse_verdict('I first thought {"helpfulness": 3, "harmlessness": 3} but no: '
@@ -347,7 +350,8 @@ def parse_verdict(
         return Verdict(scores=scores, rationale=rationale, extra=extra, **meta)
 
     found: dict[str, str] = {}
-    for m in _LINE.finditer(text):
+    matches = sorted([*_LINE.finditer(text), *_PAIR.finditer(text)], key=lambda m: m.start())
+    for m in matches:
         name = m.group("name").lower()
         if name in scale:
             found[name] = m.group("value")  # later lines overwrite earlier ones: the last wins
