@@ -34,6 +34,9 @@ chromium:
 demo: env
 	$(BIN)/steerkit run --profile smoke
 
+# The suite plus nbval over the source notebooks (smoke defaults; only NBVAL_CHECK_OUTPUT cells compare
+# output). `make test PYTEST_ARGS=tests/test_x.py` runs a part.
+PYTEST_ARGS ?= tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 test: env
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
