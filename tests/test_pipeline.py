@@ -210,3 +210,15 @@ def test_killed_during_03_resumes_without_rerunning_01_and_02(stand_ins: Path, t
     assert manifest["stages"]["03_tcsr"]["attempts"] == 2
     assert executions(run["03_mean"]) == executions(run["04"]) == 1
     assert "stage 01 already finished" in second.stderr
+
+
+def test_stage_command_runs_one_notebook_with_inputs_from_set(stand_ins: Path, tmp_path: Path) -> None:
+    from steerkit.cli import main
+
+    base = ["--profile", "none", "--notebooks-dir", str(stand_ins), "--runs-root", str(tmp_path / "runs")]
+    assert main(["stage", "01", *base, "--run-id", "alone"]) == 0
+    synth = tmp_path / "runs" / "alone" / "01_stand_in" / "synth"
+    assert main(["stage", "02", *base, "--run-id", "alone2", "--set", f"synth_run={synth}"]) == 0
+    sft = json.loads((tmp_path / "runs" / "alone2" / "02_stand_in" / "sft" / "manifest.json").read_text())
+    assert sft["summary"]["handed"] == [str(synth)]
+    assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "synth_runn=x"]) == 1  # typo named, not run
