@@ -1,0 +1,521 @@
+"""Stage II training: supervised fine-tuning of the student on STEER-SFT (SPEC 3).
+
+Every assistant turn of every dialogue is teacher-forced, with the loss on assistant tokens only, under
+the same system prompt the student sees in evaluation. Two backends:
+
+- ``hf``: TRL ``SFTTrainer`` with ``assistant_only_loss=True`` (the chat template's
+  ``{% generation %}`` spans), full fine-tuning or LoRA (PEFT); runs anywhere, DDP with
+  ``accelerate launch``;
+- ``unsloth``: on an NVIDIA GPU in the Unsloth environment (``environment-unsloth.yml``),
+  ``FastVisionModel`` with LoRA on the language layers and ``UnslothVisionDataCollator`` masking
+  everything but the responses (Unsloth's pinned TRL refuses assistant-only loss on vision data).
+
+A vision student sees the images; a text-only student reads each image as ``[Image: caption]`` before
+the turn's text. Captions come from, in order: the recipe's ``captions`` file (JSON, image ref ->
+caption), ``captions.json`` beside the data file (Stage I writes it from the image descriptions), or the
+record's ``meta.captions``; an image with none is an error naming file, line and field.
+
+The run directory ``papermill_runs/02_sft_bootstrap/<run_id>/`` holds ``manifest.json`` (the recipe,
+data counts, backend, tracker), ``train_log.jsonl`` (loss, learning rate, tokens/s per logging step),
+``trainer/checkpoint-N`` (resumable trainer checkpoints) and ``checkpoint/`` (the final model, LoRA
+merged, loadable by ``steerkit.models.load_student`` and ``HFLocalBackend``). Running the same recipe
+and ``run_id`` again resumes from the last trainer checkpoint.
+
+Command line (also under ``accelerate launch --num_processes 2 --cpu``)::
+
+    python -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=papermill_runs/01_synthesize/<id>
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steerkit.runs import DEFAULT_RUNS_ROOT, Run, ResultLog, new_run_id, open_run
+from steerkit.schema import Dialogue, Message, RecordError, parse_line
+
+log = logging.getLogger(__name__)
+
+STAGE = "02_sft_bootstrap"
+SFT_FILE = "steer_sft.jsonl"  # the STEER-SFT split inside a Stage I run directory
+CAPTIONS_FILE = "captions.json"  # image ref -> caption, beside the data file
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT = "checkpoint"  # the final model inside the run directory
+TRAINER_DIR = "trainer"  # resumable trainer checkpoints
+#: ChatML turn openers (Qwen2.5-VL, SmolLM2): what Unsloth's response masker splits on.
+CHATML_USER, CHATML_ASSISTANT = "<|im_start|>user\n", "<|im_start|>assistant\n"
+#: Recipe fields that say where a run lives, not how it trains (left out of the manifest's parameters).
+LOCATION_FIELDS = ("runs_root", "run_id")
+
+
+@dataclass
+class SFTRecipe:
+    """Everything an SFT run depends on. Paper values (SPEC 3) are the defaults; the CPU smoke profile
+    is ``configs/sft_smoke_cpu.yaml``."""
+
+    student: str = "smollm2"  # a checkpoint folder, or "smollm2" (the embedded text-only student)
+    data: str | None = None  # STEER-SFT JSONL of schema.Dialogue, or a Stage I run dir holding SFT_FILE
+    eval_data: str | None = None  # held-out dialogues: eval loss before and after training
+    captions: str | None = None  # JSON image ref -> caption, for text-only students
+    backend: str = "auto"  # hf | unsloth | auto (unsloth when importable on an NVIDIA GPU)
+    finetune: str = "full"  # full | lora; SPEC 3: full fine-tuning
+    freeze_vision: bool = True  # SPEC 3: vision tower (incl. its merger) frozen in full fine-tuning
+    lora_r: int = 16  # LoRA only; not in the paper
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]  # the language model only (STACK)
+    )
+    learning_rate: float = 1e-5  # SPEC 3
+    num_train_epochs: float = 2  # SPEC 3
+    max_steps: int = -1  # > 0 overrides epochs
+    optim: str = "adamw_torch"  # SPEC 3: AdamW
+    weight_decay: float = 0.01  # SPEC 3
+    lr_scheduler_type: str = "linear"  # not in the paper (TRL's default)
+    warmup_steps: float = 0  # not in the paper; < 1 is a fraction of the steps
+    batch_size: int = 16  # SPEC 3: global batch (per device x accumulation x processes)
+    per_device_batch_size: int = 1
+    bf16: bool | str = "auto"  # SPEC 3: bf16; auto = on GPU only (TRL's bf16 does not autocast on CPU)
+    max_length: int | None = 32768  # SPEC 3
+    gradient_checkpointing: bool | str = "auto"  # auto = on GPU only (on CPU it only costs time, STACK)
+    system_prompt: str = "student"  # student: SPEC 3's evaluation system prompt on every row | keep
+    max_dialogues: int | None = None  # first N dialogues only
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    seed: int = 0
+    report_to: str = "none"  # none | wandb (see steerkit.tracking)
+    runs_root: str | None = None
+    run_id: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> SFTRecipe:
+        """A recipe from a YAML file of field values, then ``overrides``; unknown keys are errors."""
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def parameters(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in LOCATION_FIELDS}
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def sft_data_file(data: str | Path) -> Path:
+    """The STEER-SFT JSONL a recipe's ``data`` names (a file, or a Stage I run directory)."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / SFT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no STEER-SFT file (give a JSONL file or a Stage I run dir with {SFT_FILE})")
+    return path
+
+
+def read_dialogues(path: Path, limit: int | None = None) -> list[tuple[int, Dialogue]]:
+    """(line number, dialogue) for each record; every dialogue must end with the assistant's turn."""
+    out: list[tuple[int, Dialogue]] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RecordError(f"{path}:{lineno}: not UTF-8") from None
+            if not line.strip():
+                continue
+            d = parse_line(Dialogue, line, path=path, lineno=lineno)
+            if d.messages[-1].role != "assistant":
+                raise RecordError(f"{path}:{lineno}: field messages: the last message must be the assistant's")
+            out.append((lineno, d))
+    if not out:
+        raise RecordError(f"{path}: no dialogues")
+    return out
+
+
+def load_captions(recipe_captions: str | None, data_file: Path) -> tuple[dict[str, str], str]:
+    """Image ref -> caption, and where they came from (see the module docstring)."""
+    path = Path(recipe_captions) if recipe_captions else data_file.parent / CAPTIONS_FILE
+    if not path.is_file():
+        if recipe_captions:
+            raise FileNotFoundError(f"{path}: captions file not found")
+        return {}, "record meta.captions"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise RecordError(f"{path}: expected a JSON object of image ref -> caption text")
+    return data, str(path)
+
+
+def captioned(m: Message, captions: dict[str, str], *, where: str, index: int) -> str:
+    """A message's text with each image as ``[Image: caption]`` before it, for text-only students.
+
+    Example:
+        >>> captioned(Message(role="user", content="Hi", images=["a.png"]), {"a.png": "a cat"},
+        ...           where="f:1", index=1)
+        '[Image: a cat]\\nHi'
+    """
+    lines = []
+    for i, ref in enumerate(m.images):
+        if ref not in captions:
+            raise RecordError(
+                f"{where}: field messages[{index}].images[{i}]: no caption for image {ref!r} (add it to the "
+                f"recipe's captions file, {CAPTIONS_FILE} beside the data, or the record's meta.captions)"
+            )
+        lines.append(f"[Image: {captions[ref]}]")
+    return "\n".join([*lines, m.content])
+
+
+def with_system(d: Dialogue, system: str | None) -> list[Message]:
+    """The dialogue's messages with ``system`` as the first message (replacing one), or as they are."""
+    if system is None:
+        return list(d.messages)
+    body = [m for m in d.messages if m.role != "system"]
+    return [Message(role="system", content=system), *body]
+
+
+def sft_rows(
+    dialogues: list[tuple[int, Dialogue]], path: Path, *, vision: bool, system: str | None,
+    captions: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """TRL conversational rows: ``messages`` + ``images`` (absolute paths) for a vision student;
+    ``messages`` with captions in the text for a text-only one."""
+    from steerkit.images import load_image
+    from steerkit.schema import to_trl_sft_row
+
+    rows = []
+    for lineno, d in dialogues:
+        d = d.model_copy(update={"messages": with_system(d, system)})
+        if vision:
+            row = to_trl_sft_row(d, root=path.parent)
+            for img in row["images"]:
+                load_image(img)  # a corrupt or oversized image fails here, named, not mid-run
+            rows.append({"messages": row["messages"], "images": row["images"]})
+        else:
+            caps = {**d.meta.get("captions", {}), **(captions or {})}
+            rows.append({"messages": [
+                {"role": m.role, "content": captioned(m, caps, where=f"{path}:{lineno}", index=j)}
+                for j, m in enumerate(d.messages)
+            ]})
+    return rows
+
+
+def to_dataset(rows: list[dict[str, Any]], *, vision: bool):  # -> datasets.Dataset
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    if vision:
+        ds = ds.cast_column("images", datasets.List(datasets.Image()))
+    return ds
+
+
+def data_summary(dialogues: list[tuple[int, Dialogue]]) -> dict[str, Any]:
+    turns = [sum(m.role == "assistant" for m in d.messages) for _, d in dialogues]
+    return {
+        "dialogues": len(dialogues),
+        "assistant_turns": sum(turns),
+        "mean_turns": round(sum(turns) / len(turns), 3),
+        "images": sum(len(m.images) for _, d in dialogues for m in d.messages),
+    }
+
+
+# ---- backend and model ------------------------------------------------------------------------------
+
+
+def resolve_backend(asked: str) -> str:
+    """``hf`` or ``unsloth``; ``auto`` takes Unsloth when it can run here (`models.load_student`
+    raises a clear `StudentUnavailable` when ``unsloth`` is asked for where it cannot run)."""
+    from steerkit.models import unsloth_available
+
+    match asked:
+        case "hf" | "unsloth":
+            return asked
+        case "auto":
+            return "unsloth" if unsloth_available() else "hf"
+        case _:
+            raise ValueError(f"backend: {asked!r} is not one of hf, unsloth, auto")
+
+
+def freeze_vision_tower(model) -> int:
+    """Freeze the vision encoder (and its merger); returns how many parameters were frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if any(part in name.split(".") for part in ("visual", "vision_tower", "vision_model")):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def train_log_callback(path: Path):  # -> transformers.TrainerCallback
+    """A callback writing one JSON line per trainer log (main process only)."""
+    from transformers import TrainerCallback
+
+    class _TrainLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.log = ResultLog(path, key="step")
+            self.last = (time.perf_counter(), 0)  # TRL counts tokens from 0 in each process
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now, tokens = time.perf_counter(), logs.get("num_tokens")
+            rate = None
+            if tokens is not None:
+                rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+                self.last = (now, tokens)
+            self.log.append({
+                "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                "num_tokens": tokens, "tokens_per_s": rate, "time": time.time(),
+            })
+
+    return _TrainLog()
+
+
+def training_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's log, one record per step (after a resume the replayed steps supersede the first)."""
+    by_step = {r["step"]: r for r in ResultLog(Path(run_dir) / TRAIN_LOG, key="step")}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _auto(value: bool | str, on_gpu: bool) -> bool:
+    return on_gpu if value == "auto" else bool(value)
+
+
+def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = None):
+    """The configured trainer and what the manifest should know (backend, data, tracking)."""
+    from steerkit import models  # before trl: Unsloth must be imported first when it is used
+    from steerkit.converse import STUDENT_SYSTEM, student_system_prompt
+    from steerkit.tracking import resolve_report_to
+
+    backend = resolve_backend(recipe.backend)
+    student = models.resolve_model_path(recipe.student)
+    model, processing_class = models.load_student(student, backend=backend)
+    vision = models.is_vision_model(student)
+
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    if recipe.data is None:
+        raise ValueError("recipe.data: name the STEER-SFT file or the Stage I run directory")
+    data_file = sft_data_file(recipe.data)
+    system = student_system_prompt() if recipe.system_prompt == "student" else None
+    captions, captions_source = ({}, None) if vision else load_captions(recipe.captions, data_file)
+    dialogues = read_dialogues(data_file, recipe.max_dialogues)
+    train = to_dataset(sft_rows(dialogues, data_file, vision=vision, system=system, captions=captions), vision=vision)
+    evals = None
+    if recipe.eval_data:
+        eval_file = sft_data_file(recipe.eval_data)
+        eval_caps = {} if vision else load_captions(recipe.captions, eval_file)[0]
+        evals = to_dataset(sft_rows(read_dialogues(eval_file), eval_file, vision=vision, system=system,
+                                    captions=eval_caps), vision=vision)
+
+    on_gpu = torch.cuda.is_available()
+    world = distributed_state().num_processes
+    accumulation = max(1, recipe.batch_size // (recipe.per_device_batch_size * world))
+    if accumulation * recipe.per_device_batch_size * world != recipe.batch_size:
+        log.warning("batch_size %d is not a multiple of %d per device x %d processes; the global batch is %d",
+                    recipe.batch_size, recipe.per_device_batch_size, world,
+                    accumulation * recipe.per_device_batch_size * world)
+    tracking = resolve_report_to(recipe.report_to)
+    tracking.apply()
+    # transformers 5.2x renamed it; Unsloth's pinned 5.17 knows only the old name
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    args = dict(
+        output_dir=str(run_dir / TRAINER_DIR), learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.num_train_epochs, max_steps=recipe.max_steps, optim=recipe.optim,
+        weight_decay=recipe.weight_decay, lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps, per_device_train_batch_size=recipe.per_device_batch_size,
+        per_device_eval_batch_size=recipe.per_device_batch_size, gradient_accumulation_steps=accumulation,
+        bf16=_auto(recipe.bf16, on_gpu), max_length=recipe.max_length,
+        **{checkpointing: _auto(recipe.gradient_checkpointing, on_gpu)},
+        logging_steps=recipe.logging_steps, save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit, seed=recipe.seed, report_to=tracking.report_to,
+        run_name=run_dir.name, use_cpu=not on_gpu, dataloader_num_workers=0,
+    )
+    peft_config, data_collator = None, None
+    frozen = 0
+    if backend == "unsloth" and vision:
+        model, data_collator = _unsloth_vision_lora(model, processing_class, recipe)
+        args.update(assistant_only_loss=False, remove_unused_columns=False, dataset_text_field="",
+                    dataset_kwargs={"skip_prepare_dataset": True})
+    elif backend == "unsloth":  # text-only student: Unsloth's LoRA, TRL's assistant-only loss
+        model = _unsloth_text_lora(model, recipe)
+        args.update(assistant_only_loss=True)
+    else:
+        args.update(assistant_only_loss=True)
+        if recipe.finetune == "lora":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                                     target_modules=list(recipe.lora_target_modules), task_type="CAUSAL_LM")
+        elif recipe.finetune == "full":
+            frozen = freeze_vision_tower(model) if (vision and recipe.freeze_vision) else 0
+        else:
+            raise ValueError(f"finetune: {recipe.finetune!r} is not one of full, lora")
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=evals,
+        processing_class=processing_class, peft_config=peft_config, data_collator=data_collator,
+        callbacks=[train_log_callback(run_dir / TRAIN_LOG), *(callbacks or [])],
+    )
+    info = {
+        "backend": backend, "student_path": str(student), "vision": vision, "data_file": str(data_file),
+        "data": data_summary(dialogues), "captions_source": captions_source,
+        "system_prompt": STUDENT_SYSTEM if system else "from the data",
+        "gradient_accumulation_steps": accumulation, "processes": world, "vision_params_frozen": frozen,
+        "tracking": tracking.manifest(), "bf16": args["bf16"],
+        "gradient_checkpointing": args[checkpointing],
+    }
+    return trainer, info
+
+
+def _unsloth_text_lora(model, recipe: SFTRecipe):
+    from unsloth import FastLanguageModel
+
+    if recipe.finetune != "lora":
+        raise ValueError("backend='unsloth' trains LoRA adapters here; set finetune='lora' or backend='hf'")
+    return FastLanguageModel.get_peft_model(
+        model, r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        target_modules=list(recipe.lora_target_modules), bias="none", random_state=recipe.seed,
+    )
+
+
+def _unsloth_vision_lora(model, processor, recipe: SFTRecipe):
+    """Unsloth's LoRA on the language layers (vision frozen) and its response-only collator."""
+    from unsloth import FastVisionModel
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    if recipe.finetune != "lora":
+        raise ValueError("backend='unsloth' trains LoRA adapters here; set finetune='lora' or backend='hf'")
+    model = FastVisionModel.get_peft_model(
+        model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+        finetune_mlp_modules=True, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout, bias="none", random_state=recipe.seed,
+    )
+    FastVisionModel.for_training(model)
+    collator = UnslothVisionDataCollator(
+        model, processor, max_seq_length=recipe.max_length, train_on_responses_only=True,
+        instruction_part=CHATML_USER, response_part=CHATML_ASSISTANT,
+    )
+    return model, collator
+
+
+def save_final(trainer, dest: Path, backend: str) -> Path:
+    """Save the trained model as a plain checkpoint (LoRA merged) with its processing class."""
+    from peft import PeftModel
+
+    model = trainer.model
+    if trainer.accelerator.is_main_process:
+        if backend == "unsloth":
+            model.save_pretrained_merged(str(dest), trainer.processing_class, save_method="merged_16bit")
+        elif isinstance(model, PeftModel):
+            model.merge_and_unload().save_pretrained(dest)
+            trainer.processing_class.save_pretrained(dest)
+        else:
+            trainer.save_model(str(dest))
+    trainer.accelerator.wait_for_everyone()
+    return dest
+
+
+def distributed_state():  # -> accelerate.PartialState
+    """This process's place in a launch; on a machine without CUDA, DDP over gloo (``cpu=True``: without
+    it accelerate sees a torchrun launch on CPU as a single process)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _shared_run_id(recipe: SFTRecipe) -> str:
+    """One run id for all processes of a distributed launch."""
+    from accelerate.utils import broadcast_object_list
+
+    state = distributed_state()
+    if recipe.run_id is not None or state.num_processes == 1:
+        return recipe.run_id or new_run_id("sft-")
+    ids = [new_run_id("sft-") if state.is_main_process else None]
+    broadcast_object_list(ids)
+    return ids[0]
+
+
+def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
+    """Train the student on STEER-SFT; returns the run directory (final model in ``checkpoint/``).
+
+    Args:
+        recipe: the run's settings (all of them are recorded in the manifest).
+        callbacks: extra ``transformers.TrainerCallback`` objects (a progress bar, a stop rule).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = distributed_state()
+    run_id = _shared_run_id(recipe)
+    root = Path(recipe.runs_root) if recipe.runs_root else DEFAULT_RUNS_ROOT
+    run = Run(path=root / STAGE / run_id)
+    with state.main_process_first():
+        if state.is_main_process:
+            run = open_run(STAGE, run_id=run_id, root=root, parameters=recipe.parameters(),
+                           roles={"student": recipe.student}, seeds={"seed": recipe.seed},
+                           inputs={"data": str(recipe.data), "eval_data": str(recipe.eval_data)})
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    if manifest.get("status") == "finished" and (run.path / CHECKPOINT).is_dir():
+        log.info("%s: already finished; nothing to do", run.path)
+        return run.path
+    trainer, info = build_trainer(recipe, run.path, callbacks=callbacks)
+    trainer_dir = run.path / TRAINER_DIR
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    if state.is_main_process:
+        run.update_manifest(training=info, resumed_from=last)
+    summary: dict[str, Any] = {}
+    if trainer.eval_dataset is not None and last is None:
+        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    summary.update(global_step=trainer.state.global_step, train_loss=result.training_loss,
+                   train_seconds=round(time.perf_counter() - t0, 2))
+    if trainer.eval_dataset is not None:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    save_final(trainer, run.path / CHECKPOINT, info["backend"])
+    if state.is_main_process:
+        run.finish(**summary)
+    return run.path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m steerkit.sft --config RECIPE.yaml [--set field=value ...]``."""
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m steerkit.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a recipe YAML (configs/sft_*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a recipe field (VALUE is read as YAML)")
+    ns = parser.parse_args(argv)
+    overrides = {}
+    for item in ns.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_dir = run_sft(SFTRecipe.from_yaml(ns.config, **overrides))
+    log.info("run directory: %s", run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
