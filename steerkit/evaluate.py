@@ -1,0 +1,373 @@
+"""Replay evaluation (SPEC 6): a student answers a bench's static user turns, a judge grades each turn.
+
+For each `BenchItem` the student sees the evaluation system prompt, then the item's user turns in
+order, with its own earlier answers kept in the history and the image sent with turn 1
+(`steerkit.converse.play` with a `StaticUser`). Every finished turn goes to the judge at once, so the
+judge's requests (I/O bound) run while the student (compute bound) writes the next turn.
+
+Output, in the run directory: ``dialogues.jsonl``, one `Dialogue` per bench item with its judge
+verdicts (``Verdict.extra["turn"]`` names the turn), appended chunk by chunk; the item's images,
+copied beside it so that image refs resolve against the run directory (what `steerkit.frames`
+expects); and an ``evaluation`` section in ``manifest.json`` with the settings and the counts
+(turns, scored, unscored by reason). Reopening the run skips items already in ``dialogues.jsonl``;
+with a client cache, a chunk cut short by a kill costs no repeated model calls either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from steerkit.clients import ChatClient, Sampling, run_sync
+from steerkit.converse import STUDENT_SYSTEM, DialogueState, StaticUser, play, student_system_prompt
+from steerkit.judge import (
+    JUDGE_PROMPT,
+    JUDGE_SAMPLING,
+    RISK_SCALE,
+    RiskInfo,
+    turn_fields,
+    turn_request,
+    verdict_kind,
+    verdicts_for,
+)
+from steerkit.prompts import load_prompt
+from steerkit.runs import Run
+from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, parse_line, resolve_image
+
+log = logging.getLogger(__name__)
+
+DIALOGUES_FILE = "dialogues.jsonl"
+MAX_TURNS = 10  # dialogues have at most 10 turns; survival horizon 10 (SPEC 4 and 6)
+#: The student decodes greedily in evaluation: the paper gives no evaluation sampling, and greedy
+#: replays are reproducible. A parameter; record what a run used.
+STUDENT_SAMPLING = Sampling(temperature=0.0, max_tokens=1024)
+CHUNK_SIZE = 32  # dialogues played together (one batched generate per turn for local students)
+
+#: The published field names of STEER-Bench records (SPEC 5).
+BENCH_FIELDS = ("question_id", "messages_fixed", "image", "category", "source_category", "risk_trajectory")
+
+
+# ---- loading a bench --------------------------------------------------------------------------
+
+
+def _normalise_official(row: dict[str, Any]) -> dict[str, Any]:
+    """Value shapes seen in released files, mapped onto `BenchItem`'s.
+
+    ``messages_fixed`` may hold plain strings or ``{"from": "human", "value": ...}`` turns; ``image``
+    may be a one-element list; ``question_id`` may be a number; ``risk_trajectory`` may be a JSON
+    string. Anything else is left for `BenchItem` validation to reject with its field name.
+    """
+    out = dict(row)
+    msgs = out.get("messages_fixed")
+    if isinstance(msgs, str):
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(msgs, list):
+        norm = []
+        for m in msgs:
+            if isinstance(m, str):
+                m = {"role": "user", "content": m}
+            elif isinstance(m, dict) and "value" in m and "content" not in m:
+                who = str(m.get("from", "user"))
+                m = {"role": "user" if who in ("human", "user") else who, "content": m["value"]}
+            elif isinstance(m, dict):
+                m = {k: v for k, v in m.items() if k in ("role", "content", "images")}
+            norm.append(m)
+        out["messages_fixed"] = norm
+    img = out.get("image")
+    if isinstance(img, list):
+        if len(img) > 1:
+            raise ValueError(f"image: {len(img)} images; a bench item has at most one (sent with turn 1)")
+        out["image"] = img[0] if img else None
+    if isinstance(out.get("question_id"), int | float):
+        out["question_id"] = str(out["question_id"])
+    traj = out.get("risk_trajectory")
+    if isinstance(traj, str):
+        try:
+            out["risk_trajectory"] = json.loads(traj)
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line or item number, decoded row) from JSONL, a JSON array, or Parquet."""
+    match path.suffix:
+        case ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+                raise RecordError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+            yield from enumerate(rows, start=1)
+        case ".json" | ".jsonl":
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}: not UTF-8 (offset {exc.start})") from None
+            if text.lstrip().startswith("["):
+                try:
+                    rows = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+                yield from enumerate(rows, start=1)
+                return
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise RecordError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        case _:
+            raise RecordError(f"{path}: unknown format {path.suffix!r}; use .jsonl, .json (an array) or .parquet")
+
+
+def load_bench(
+    path: str | Path, *, check_images: bool = True, unknown_fields: Literal["error", "drop"] = "error"
+) -> list[BenchItem]:
+    """Bench items from our JSONL/Parquet records or a STEER-Bench release file (published field names).
+
+    Image refs are relative to the file's folder (pass that folder as ``root`` to `evaluate`). Errors
+    name the file, the line (for a JSON array or Parquet file: the item number) and the field.
+
+    Args:
+        check_images: require every image file to exist.
+        unknown_fields: "error" (strict, the default) or "drop" fields outside `BENCH_FIELDS`, with a
+            warning naming them (for release files that carry extra columns).
+    """
+    path = Path(path)
+    items: list[BenchItem] = []
+    seen: dict[str, int] = {}
+    dropped: Counter[str] = Counter()
+    for lineno, row in _raw_rows(path):
+        if not isinstance(row, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        try:
+            row = _normalise_official(row)
+        except ValueError as exc:
+            raise RecordError(f"{path}:{lineno}: field {exc}") from None
+        if unknown_fields == "drop":
+            extra = set(row) - set(BENCH_FIELDS)
+            dropped.update(extra)
+            row = {k: v for k, v in row.items() if k in BENCH_FIELDS}
+        item = parse_line(BenchItem, json.dumps(row), path=path, lineno=lineno, check_images=check_images)
+        if item.question_id in seen:
+            raise RecordError(
+                f"{path}:{lineno}: field question_id: {item.question_id!r} repeats line {seen[item.question_id]}"
+            )
+        seen[item.question_id] = lineno
+        items.append(item)
+    if dropped:
+        log.warning("%s: dropped fields outside the bench schema: %s", path, dict(dropped))
+    if not items:
+        raise RecordError(f"{path}: no bench items")
+    return items
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def _bring_image(ref: str, *, root: Path, run_dir: Path) -> None:
+    """Put the image at the same ref under the run directory (hard link when possible, else copy)."""
+    src = resolve_image(root, ref)
+    dst = resolve_image(run_dir, ref)
+    if dst.exists():
+        return
+    if not src.is_file():
+        raise FileNotFoundError(f"image {ref!r} not found under {root}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _meta(item: BenchItem, risk_scale: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "question_id": item.question_id,
+        "category": item.category,
+        "source_category": item.source_category,
+        "risk_trajectory": list(item.risk_trajectory),
+        "risk_scale": list(risk_scale),
+        "n_bench_turns": len(item.messages_fixed),
+    }
+
+
+def summarise(dialogues: Iterable[Dialogue], *, kind: str = "judge") -> dict[str, Any]:
+    """Counts over evaluated dialogues: turns, scored turns, unscored turns by reason, truncations."""
+    n_dialogues = n_turns = n_scored = n_truncated = 0
+    reasons: Counter[str] = Counter()
+    for d in dialogues:
+        n_dialogues += 1
+        turns = d.turns()
+        n_turns += len(turns)
+        n_truncated += len(turns) < d.meta.get("n_bench_turns", len(turns))
+        for t in turns:
+            vs = [v for v in t.verdicts if v.kind == kind]
+            if not vs:
+                reasons["missing"] += 1
+            elif vs[-1].scored:
+                n_scored += 1
+            else:
+                reasons[vs[-1].unscored_reason or "unknown"] += 1
+    return {
+        "dialogues": n_dialogues,
+        "turns": n_turns,
+        "scored_turns": n_scored,
+        "unscored_turns": sum(reasons.values()),
+        "unscored_by_reason": dict(sorted(reasons.items())),
+        "truncated_dialogues": n_truncated,
+    }
+
+
+async def _play_and_judge(
+    states: list[DialogueState],
+    *,
+    student: ChatClient,
+    judge: ChatClient,
+    prompt: str,
+    sampling: Sampling,
+    judge_sampling: Sampling,
+    max_turns: int,
+    risks: Mapping[str, RiskInfo],
+) -> dict[str, list[Verdict]]:
+    """Play a chunk; each finished turn is sent to the judge while the student goes on."""
+    p = load_prompt(prompt)
+    kind = verdict_kind(p.id)
+    verdicts: dict[str, list[Verdict]] = {s.id: [] for s in states}
+    pending: list[tuple[list[str], asyncio.Task[list[Verdict]]]] = []
+
+    async def judge_latest(live: list[DialogueState]) -> None:
+        ids, reqs = [], []
+        for s in live:
+            t = s.turn
+            if s.replies[-1].finish == "error":  # the student's call failed: nothing to judge
+                verdicts[s.id].append(Verdict.unscored(
+                    kind, "student_error", grader=judge.spec, prompt_version=p.id,
+                    extra={"turn": t, "dialogue_id": s.id, "detail": s.replies[-1].error or ""},
+                ))
+                continue
+            fields = turn_fields(s.messages, t, risk=risks[s.id], dialogue_id=s.id)
+            reqs.append(turn_request(fields, p, root=s.root, captions=s.captions, sampling=judge_sampling))
+            ids.append(s.id)
+        if reqs:
+            pending.append((ids, asyncio.ensure_future(verdicts_for(judge, reqs))))
+
+    try:
+        await play(states, user=StaticUser(), assistant=student, sampling=sampling, max_turns=max_turns,
+                   task="student", after_turn=judge_latest)
+        for ids, task in pending:
+            for sid, v in zip(ids, await task, strict=True):
+                verdicts[sid].append(v)
+    finally:
+        for _, task in pending:
+            task.cancel()
+    for vs in verdicts.values():
+        vs.sort(key=lambda v: v.extra["turn"])
+    return verdicts
+
+
+def evaluate(
+    run: Run,
+    items: Sequence[BenchItem],
+    *,
+    student: ChatClient,
+    judge: ChatClient,
+    root: str | Path | None = None,
+    captions: Mapping[str, str] | None = None,
+    max_turns: int = MAX_TURNS,
+    sampling: Sampling = STUDENT_SAMPLING,
+    judge_sampling: Sampling = JUDGE_SAMPLING,
+    prompt: str = JUDGE_PROMPT,
+    chunk_size: int = CHUNK_SIZE,
+    risk_scale: tuple[float, float] = RISK_SCALE,
+) -> list[Dialogue]:
+    """Replay ``items`` with ``student``, judge every turn with ``judge``; results stream into ``run``.
+
+    Args:
+        run: the run directory (`steerkit.runs.open_run`); reopening it resumes.
+        items: the bench items (`load_bench`); their ``question_id`` is the dialogue id.
+        student: any chat client (local batched model, OpenAI-compatible server, scripted double).
+        judge: the judge's client; its verdicts use the rubric ``prompt``.
+        root: the folder image refs are relative to (the bench file's folder); required when an item
+            has an image.
+        captions: image ref -> description, for students and judges that cannot see images.
+        max_turns: turns played at most per item (later static turns are dropped and counted).
+        chunk_size: items played together and written together.
+        risk_scale: the scale of the items' ``risk_trajectory`` (read by the rules judge only).
+
+    Returns:
+        The evaluated dialogues in the order of ``items``, finished ones from earlier attempts included.
+    """
+    if chunk_size < 1 or max_turns < 1:
+        raise ValueError(f"chunk_size ({chunk_size}) and max_turns ({max_turns}) must be at least 1")
+    ids = [it.question_id for it in items]
+    dup = sorted(k for k, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise ValueError(f"items: question_id repeats ({', '.join(dup[:5])}); ids name the dialogues in the run")
+    if root is None and any(it.image for it in items):
+        raise ValueError("items have images: pass root= (the folder of the bench file, as load_bench read it)")
+    root = Path(root).resolve() if root is not None else None
+    for it in items:
+        if it.image:
+            _bring_image(it.image, root=root, run_dir=run.path)  # type: ignore[arg-type]
+
+    results = run.results(DIALOGUES_FILE)
+    done = results.done_keys()
+    todo = [it for it in items if it.question_id not in done]
+    settings = {
+        "student": student.spec, "judge": judge.spec, "prompt": prompt, "student_system": STUDENT_SYSTEM,
+        "max_turns": max_turns, "chunk_size": chunk_size, "risk_scale": list(risk_scale),
+        "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling), "image_root": str(root or ""),
+    }
+    log.info("evaluate: %d items, %d already done, %d to play", len(items), len(items) - len(todo), len(todo))
+    run.update_manifest(evaluation={**settings, "status": "running"})
+    system = student_system_prompt()
+
+    async def go() -> None:
+        try:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start : start + chunk_size]
+                states = [
+                    DialogueState.start(it.question_id, it.user_turns, images=[it.image] if it.image else [],
+                                        system=system, root=root, captions=captions,
+                                        meta=_meta(it, risk_scale))
+                    for it in chunk
+                ]
+                risks = {it.question_id: RiskInfo(it.category, tuple(it.risk_trajectory), risk_scale) for it in chunk}
+                verdicts = await _play_and_judge(states, student=student, judge=judge, prompt=prompt,
+                                                 sampling=sampling, judge_sampling=judge_sampling,
+                                                 max_turns=max_turns, risks=risks)
+                for s in states:
+                    s.meta["student_finish"] = [r.finish for r in s.replies]
+                    d = s.to_dialogue(verdicts=verdicts[s.id])
+                    results.append(d.model_dump(mode="json"))
+                log.info("evaluate: %d/%d items written", start + len(chunk), len(todo))
+        finally:
+            await student.backend.aclose()
+            await judge.backend.aclose()
+
+    if todo:
+        run_sync(go())
+    by_id = {}
+    for rec in results:
+        by_id[str(rec["id"])] = rec  # a redone item's later record wins
+    out = [Dialogue.model_validate(by_id[i]) for i in ids]
+    counts = summarise(out, kind=verdict_kind(prompt))
+    run.update_manifest(evaluation={
+        **settings, "status": "finished", "counts": counts,
+        "usage": {"student": vars(student.usage), "judge": vars(judge.usage)},
+    })
+    return out
+
