@@ -16,7 +16,6 @@ with a client cache, a chunk cut short by a kill costs no repeated model calls e
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from steerkit.clients import ChatClient, Sampling, run_sync
 from steerkit.converse import STUDENT_SYSTEM, DialogueState, StaticUser, play, student_system_prompt
@@ -40,7 +39,7 @@ from steerkit.judge import (
 )
 from steerkit.prompts import load_prompt
 from steerkit.runs import Run
-from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, parse_line, resolve_image
+from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, load_records, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -51,125 +50,35 @@ MAX_TURNS = 10  # dialogues have at most 10 turns; survival horizon 10 (SPEC 4 a
 STUDENT_SAMPLING = Sampling(temperature=0.0, max_tokens=1024)
 CHUNK_SIZE = 32  # dialogues played together (one batched generate per turn for local students)
 
-#: The published field names of STEER-Bench records (SPEC 5).
-BENCH_FIELDS = ("question_id", "messages_fixed", "image", "category", "source_category", "risk_trajectory")
-
-
 # ---- loading a bench --------------------------------------------------------------------------
 
 
-def _normalise_official(row: dict[str, Any]) -> dict[str, Any]:
-    """Value shapes seen in released files, mapped onto `BenchItem`'s.
+def load_bench(path: str | Path, *, split: str = "test", image_dir: Path | None = None) -> list[BenchItem]:
+    """Bench items from our records or the official STEER-Bench files, with unique question ids.
 
-    ``messages_fixed`` may hold plain strings or ``{"from": "human", "value": ...}`` turns; ``image``
-    may be a one-element list; ``question_id`` may be a number; ``risk_trajectory`` may be a JSON
-    string. Anything else is left for `BenchItem` validation to reject with its field name.
+    ``.parquet`` files are read strictly as `BenchItem` records (`steerkit.schema.load_records`);
+    anything else (our JSONL, a release JSONL with extra columns, a hub name or a data-set folder)
+    goes through `steerkit.synth.splits.load_steer_bench`, which knows the published field names.
+    Image refs are relative to the file's folder: pass that folder as ``root`` to `evaluate`.
+
+    Raises:
+        RecordError: a bad record (file, line and field named), a repeated ``question_id``, or no
+            items at all.
     """
-    out = dict(row)
-    msgs = out.get("messages_fixed")
-    if isinstance(msgs, str):
-        try:
-            msgs = json.loads(msgs)
-        except json.JSONDecodeError:
-            pass
-    if isinstance(msgs, list):
-        norm = []
-        for m in msgs:
-            if isinstance(m, str):
-                m = {"role": "user", "content": m}
-            elif isinstance(m, dict) and "value" in m and "content" not in m:
-                who = str(m.get("from", "user"))
-                m = {"role": "user" if who in ("human", "user") else who, "content": m["value"]}
-            elif isinstance(m, dict):
-                m = {k: v for k, v in m.items() if k in ("role", "content", "images")}
-            norm.append(m)
-        out["messages_fixed"] = norm
-    img = out.get("image")
-    if isinstance(img, list):
-        if len(img) > 1:
-            raise ValueError(f"image: {len(img)} images; a bench item has at most one (sent with turn 1)")
-        out["image"] = img[0] if img else None
-    if isinstance(out.get("question_id"), int | float):
-        out["question_id"] = str(out["question_id"])
-    traj = out.get("risk_trajectory")
-    if isinstance(traj, str):
-        try:
-            out["risk_trajectory"] = json.loads(traj)
-        except json.JSONDecodeError:
-            pass
-    return out
+    from steerkit.synth.splits import load_steer_bench
 
-
-def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
-    """(line or item number, decoded row) from JSONL, a JSON array, or Parquet."""
-    match path.suffix:
-        case ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                rows = pq.read_table(path).to_pylist()
-            except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-                raise RecordError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-            yield from enumerate(rows, start=1)
-        case ".json" | ".jsonl":
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise RecordError(f"{path}: not UTF-8 (offset {exc.start})") from None
-            if text.lstrip().startswith("["):
-                try:
-                    rows = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-                yield from enumerate(rows, start=1)
-                return
-            for lineno, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        yield lineno, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise RecordError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        case _:
-            raise RecordError(f"{path}: unknown format {path.suffix!r}; use .jsonl, .json (an array) or .parquet")
-
-
-def load_bench(
-    path: str | Path, *, check_images: bool = True, unknown_fields: Literal["error", "drop"] = "error"
-) -> list[BenchItem]:
-    """Bench items from our JSONL/Parquet records or a STEER-Bench release file (published field names).
-
-    Image refs are relative to the file's folder (pass that folder as ``root`` to `evaluate`). Errors
-    name the file, the line (for a JSON array or Parquet file: the item number) and the field.
-
-    Args:
-        check_images: require every image file to exist.
-        unknown_fields: "error" (strict, the default) or "drop" fields outside `BENCH_FIELDS`, with a
-            warning naming them (for release files that carry extra columns).
-    """
     path = Path(path)
-    items: list[BenchItem] = []
+    if path.suffix == ".parquet":
+        items = load_records(BenchItem, path)
+    else:
+        items = load_steer_bench(path, split=split, image_dir=image_dir)
     seen: dict[str, int] = {}
-    dropped: Counter[str] = Counter()
-    for lineno, row in _raw_rows(path):
-        if not isinstance(row, dict):
-            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        try:
-            row = _normalise_official(row)
-        except ValueError as exc:
-            raise RecordError(f"{path}:{lineno}: field {exc}") from None
-        if unknown_fields == "drop":
-            extra = set(row) - set(BENCH_FIELDS)
-            dropped.update(extra)
-            row = {k: v for k, v in row.items() if k in BENCH_FIELDS}
-        item = parse_line(BenchItem, json.dumps(row), path=path, lineno=lineno, check_images=check_images)
-        if item.question_id in seen:
+    for n, it in enumerate(items, start=1):
+        if it.question_id in seen:
             raise RecordError(
-                f"{path}:{lineno}: field question_id: {item.question_id!r} repeats line {seen[item.question_id]}"
+                f"{path}: item {n}: field question_id: {it.question_id!r} repeats item {seen[it.question_id]}"
             )
-        seen[item.question_id] = lineno
-        items.append(item)
-    if dropped:
-        log.warning("%s: dropped fields outside the bench schema: %s", path, dict(dropped))
+        seen[it.question_id] = n
     if not items:
         raise RecordError(f"{path}: no bench items")
     return items

@@ -213,38 +213,41 @@ def test_evaluate_input_errors(tmp_path: Path) -> None:
 # ---- loading benches --------------------------------------------------------------------------
 
 
-def test_load_bench_release_shapes(tmp_path: Path) -> None:
+def test_load_bench_release_and_parquet(tmp_path: Path) -> None:
     tiny_png(tmp_path / "img" / "a.png")
+    # A release-style JSONL with a column beyond the published ones (ignored and logged).
+    turn = lambda text: {"role": "user", "content": text}  # noqa: E731
     rows = [
-        {"question_id": 17, "messages_fixed": ["first", "second"], "image": ["img/a.png"],
-         "category": "c", "source_category": "STEER-DyS", "risk_trajectory": "[0.1, 0.9]"},
-        {"question_id": "18", "messages_fixed": [{"from": "human", "value": "only turn"}], "image": None},
+        {"question_id": "17", "messages_fixed": [turn("first"), turn("second")], "image": "img/a.png",
+         "category": "c", "source_category": "STEER-DyS", "risk_trajectory": [0.1, 0.9], "model_notes": "x"},
+        {"question_id": "18", "messages_fixed": [turn("only turn")], "image": None, "category": "",
+         "source_category": "", "risk_trajectory": [], "model_notes": "y"},
     ]
-    p = tmp_path / "steer_bench.json"
-    p.write_text(json.dumps(rows))
+    p = tmp_path / "steer_bench.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = load_bench(p)
     assert items[0].question_id == "17" and items[0].user_turns == ["first", "second"]
     assert items[0].image == "img/a.png" and items[0].risk_trajectory == [0.1, 0.9]
     assert items[1].user_turns == ["only turn"] and items[1].image is None
-    # Parquet with the same rows.
+    # Our records as Parquet, read strictly.
+    from steerkit.schema import write_jsonl
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([
-        {"question_id": "p1", "messages_fixed": ["a", "b"], "image": "img/a.png", "risk_trajectory": [1.0, 4.0]}]),
-        tmp_path / "b.parquet")
-    assert load_bench(tmp_path / "b.parquet")[0].user_turns == ["a", "b"]
+    item = BenchItem(question_id="p1", messages_fixed=[Message(role="user", content="a")], image="img/a.png",
+                     risk_trajectory=[1.0])
+    pq.write_table(pa.Table.from_pylist([item.model_dump(mode="json")]), tmp_path / "b.parquet")
+    assert load_bench(tmp_path / "b.parquet") == [item]
+    write_jsonl([item], tmp_path / "ours.jsonl")
+    assert load_bench(tmp_path / "ours.jsonl") == [item]
 
 
 def test_load_bench_errors_name_file_line_field(tmp_path: Path) -> None:
     p = tmp_path / "b.jsonl"
     good = {"question_id": "a", "messages_fixed": [{"role": "user", "content": "x"}]}
-    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "question_id": "b", "turns": 3}) + "\n")
-    with pytest.raises(RecordError, match=r"b.jsonl:2: field turns: unknown field"):
-        load_bench(p)
-    assert [i.question_id for i in load_bench(p, unknown_fields="drop")] == ["a", "b"]
     p.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
-    with pytest.raises(RecordError, match=r"b.jsonl:2: field question_id: 'a' repeats line 1"):
+    with pytest.raises(RecordError, match=r"b.jsonl: item 2: field question_id: 'a' repeats item 1"):
         load_bench(p)
     p.write_text(json.dumps({**good, "image": "missing.png"}) + "\n")
     with pytest.raises(RecordError, match=r"b.jsonl:1: field image: image file not found"):
@@ -252,18 +255,6 @@ def test_load_bench_errors_name_file_line_field(tmp_path: Path) -> None:
     p.write_text(json.dumps({**good, "messages_fixed": [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(RecordError, match=r"b.jsonl:1: field messages_fixed"):
         load_bench(p)
-    p.write_text(json.dumps({**good, "image": ["a.png", "b.png"]}) + "\n")
-    with pytest.raises(RecordError, match=r"b.jsonl:1: field image: 2 images"):
-        load_bench(p)
     p.write_text("")
     with pytest.raises(RecordError, match="no bench items"):
         load_bench(p)
-
-
-def test_bench_items_written_by_the_schema_load_back(tmp_path: Path) -> None:
-    from steerkit.schema import write_jsonl
-
-    items = [BenchItem(question_id=f"q{i}", messages_fixed=[Message(role="user", content=f"turn {i}")],
-                       risk_trajectory=[float(i)]) for i in range(3)]
-    write_jsonl(items, tmp_path / "ours.jsonl")
-    assert load_bench(tmp_path / "ours.jsonl") == items
