@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -137,8 +137,10 @@ def cache_key(model: str, request: Request) -> str:
         {"role": m.role, "content": m.content, "images": [next(images) for _ in m.images]}
         for m in request.messages
     ]
+    s = request.sampling  # spelled out: dataclasses.asdict costs more than the hash on this path
+    sampling = {"temperature": s.temperature, "max_tokens": s.max_tokens, "top_p": s.top_p, "seed": s.seed}
     body = json.dumps(
-        {"model": model, "messages": msgs, "sampling": asdict(request.sampling), "i": request.sample_index},
+        {"model": model, "messages": msgs, "sampling": sampling, "i": request.sample_index},
         sort_keys=True,
         ensure_ascii=False,
     )
@@ -159,7 +161,7 @@ class ReplyCache:
         return None if r is None else Reply(**{**r["reply"], "cached": True})
 
     def put(self, key: str, reply: Reply) -> None:
-        rec = {"key": key, "reply": {**asdict(reply), "cached": False}}
+        rec = {"key": key, "reply": {**vars(reply), "cached": False}}  # fields are flat: no deep copy
         self._mem[key] = rec
         self._log.append(rec)
 
@@ -230,18 +232,19 @@ class ChatClient:
         """All replies in request order; cached ones are not sent. ``on_reply`` sees each as it lands."""
         out: list[Reply | None] = [None] * len(requests)
         keys: list[str | None] = [None] * len(requests)
-        todo: list[int] = []
-        for i, req in enumerate(requests):
-            if self.cache is not None:
-                keys[i] = cache_key(self.backend.model, req)
-                hit = self.cache.get(keys[i])  # type: ignore[arg-type]
-                if hit is not None:
-                    out[i] = hit
-                    self.usage.cache_hits += 1
-                    if on_reply:
-                        on_reply(i, hit)
-                    continue
-            todo.append(i)
+
+        def from_cache(i: int) -> bool:
+            if self.cache is None:
+                return False
+            keys[i] = cache_key(self.backend.model, requests[i])
+            hit = self.cache.get(keys[i])  # type: ignore[arg-type]
+            if hit is None:
+                return False
+            out[i] = hit
+            self.usage.cache_hits += 1
+            if on_reply:
+                on_reply(i, hit)
+            return True
 
         def land(i: int, reply: Reply) -> None:
             out[i] = reply
@@ -252,16 +255,25 @@ class ChatClient:
                 on_reply(i, reply)
 
         if self.backend.batched:
+            todo = [i for i in range(len(requests)) if not from_cache(i)]
             replies = await self.backend.generate([requests[i] for i in todo]) if todo else []
             for i, reply in zip(todo, replies, strict=True):
                 land(i, reply)
         else:
+            # A pool of workers pulling the next index, not one task per request: the first calls go
+            # out at once instead of after every cache key and task is made, and the loop stays
+            # small. Twice the limit in workers keeps every slot busy while some wait out a backoff
+            # (the semaphore, released during the wait, bounds what is in flight).
             sem = asyncio.Semaphore(self.backend.max_concurrency)
+            pending = iter(range(len(requests)))
 
-            async def one(i: int) -> None:
-                land(i, await self._call_one(requests[i], sem))
+            async def worker() -> None:
+                for i in pending:
+                    if not from_cache(i):
+                        land(i, await self._call_one(requests[i], sem))
 
-            await asyncio.gather(*(one(i) for i in todo))
+            n = min(len(requests), 2 * self.backend.max_concurrency)
+            await asyncio.gather(*(worker() for _ in range(n)))
         return out  # type: ignore[return-value]
 
     def _count(self, reply: Reply) -> None:

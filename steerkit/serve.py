@@ -134,6 +134,8 @@ class LoopbackServer:
         model: the model name served; requests naming another get 404 (as vLLM does).
             Defaults to ``backend.model``.
         journal: keep (last user message, outcome) for every request; read with `journal`.
+        api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` or get 401 (as
+            ``vllm serve --api-key`` does); lets tests check that a client sends its key.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class LoopbackServer:
         hang: float = 30.0,
         model: str | None = None,
         journal: bool = False,
+        api_key: str | None = None,
     ) -> None:
         if backend is None:
             from steerkit.backends.scripted import named_double
@@ -164,6 +167,7 @@ class LoopbackServer:
         self.retry_after = retry_after
         self.hang = hang
         self._keep_journal = journal
+        self._auth = None if api_key is None else f"Bearer {api_key}"
         self._journal: list[tuple[str, str]] = []
         self._outcomes: Counter[str] = Counter()
         self._seen: Counter[bytes] = Counter()
@@ -307,6 +311,9 @@ class LoopbackServer:
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
         outcome, label = "cancelled", ""
         try:
+            if self._auth is not None and request.headers.get("Authorization") != self._auth:
+                outcome = "unauthorized"
+                return _error(401, "missing or wrong API key", "invalid_api_key")
             raw = await request.read()
             fault = self._draw_fault(raw) if self.faults else None
             if self.latency:
@@ -392,7 +399,8 @@ class LoopbackServer:
                 raise BadRequest(f"messages[{i}].role must be system, user or assistant")
             content = m.get("content")
             if isinstance(content, str):
-                out.append(Message(role=m["role"], content=content))
+                # roles and types are checked here: skip pydantic's second pass on the hot path
+                out.append(Message.model_construct(role=m["role"], content=content, images=[]))
                 continue
             if not isinstance(content, list):
                 raise BadRequest(f"messages[{i}].content must be a string or a list of parts")
@@ -405,7 +413,7 @@ class LoopbackServer:
                     images.append(self._save_image((part.get("image_url") or {}).get("url", ""), f"messages[{i}].content[{j}]"))
                 else:
                     raise BadRequest(f"messages[{i}].content[{j}].type must be text or image_url")
-            out.append(Message(role=m["role"], content="\n".join(texts), images=images))
+            out.append(Message.model_construct(role=m["role"], content="\n".join(texts), images=images))
         try:
             sampling = Sampling(
                 temperature=float(body.get("temperature", 1.0)),
@@ -435,9 +443,9 @@ class LoopbackServer:
         return name
 
     def _completion(self, reply: Reply, request: Request) -> bytes:
-        # a backend that does not count tokens gets whitespace words: enough to test accounting
-        prompt_tokens = reply.prompt_tokens or sum(len(m.content.split()) for m in request.messages)
-        completion_tokens = reply.completion_tokens or len(reply.text.split())
+        # a backend that does not count tokens gets ~4 characters a token: enough to test accounting
+        prompt_tokens = reply.prompt_tokens or 1 + sum(len(m.content) for m in request.messages) // 4
+        completion_tokens = reply.completion_tokens or 1 + len(reply.text) // 4
         finish = {"blocked": "content_filter", "length": "length"}.get(reply.finish, "stop")
         return json.dumps(
             {
