@@ -1,0 +1,806 @@
+"""Stage III: tutor-in-the-loop multi-turn GRPO with TCSR (SPEC 4).
+
+Three layers, each usable alone:
+
+- `rollout`: the token-level batched rollout engine. For every sample (B prompts x K samples, each a
+  row) and every turn: ONE batched ``generate`` over all live trajectories (left padding, image and
+  video pad tokens suppressed, ``top_k=0``, sampling log-probs recorded), then the tutor grades every
+  live trajectory's answer in one concurrent `ChatClient.complete_many`, then the tutor's
+  ``new_question`` (or the dataset's static candidate) is appended as the next user turn with its
+  template tokens masked out (``env_mask`` 0). It stops after the last static turn or at
+  ``max_turns``. It is the batched, token-level form of `steerkit.converse.play`'s turn order.
+- `TutorRollout` + `TutorGRPOTrainer`: the adapter to TRL 1.16 ``GRPOTrainer``'s experimental
+  ``rollout_func(prompts, trainer)``. It receives the prompts already repeated K times (B x K rows;
+  images only from the initial prompt) and returns ``prompt_ids``, ``completion_ids`` (the whole
+  multi-turn continuation), ``logprobs``, ``env_mask`` and the per-turn tutor scores as extra
+  columns that `steerkit.rewards.TrajectoryReward` folds into TCSR. This is the only module that
+  touches TRL's experimental hooks.
+- `run_grpo`: a whole Stage III run into a run directory (manifest, checkpoints, per-step metrics,
+  trajectories).
+
+On a GPU, TRL's vLLM generation (``use_vllm=True``) is passed through for the trainer's own path and
+weight sync; this engine still generates with transformers (vLLM's server API has no per-turn
+insertion of masked user tokens); a vLLM-backed engine is the natural next step there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from steerkit.clients import ChatClient, run_sync
+from steerkit.rewards import (
+    PAPER_WEIGHTS,
+    TCSR_ALPHA,
+    TrajectoryReward,
+    TurnRewardWeights,
+    tcsr,
+    trajectory_reward,
+    turn_reward,
+    turn_weights,
+    worst_turn_safe,
+)
+from steerkit.schema import Dialogue, Message, Script, Verdict
+from steerkit.tutor import TUTOR_PROMPT, next_user_turn, tutor_request, tutor_turns
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+STAGE = "03_grpo_tutor_tcsr"
+MAX_TURNS = 10  # SPEC 4: stop at max_turns (10)
+NUM_GENERATIONS = 5  # SPEC 4: K = 5 trajectories per sample
+LEARNING_RATE = 1e-5  # SPEC 4: lr 1e-5 (paper and published scripts)
+#: KL coefficient. The paper's text says 0.1; the published scripts that produced the tables use
+#: 0.001 as a low-variance (k3) KL loss, which is what TRL's beta implements. Default: the scripts.
+BETA = 0.001
+RL_FILE = "steer_rl.jsonl"  # the STEER-RL file a Stage I/II run directory holds
+
+
+# ---- samples and trajectories -------------------------------------------------------------------
+
+
+@dataclass
+class RolloutSample:
+    """One row to roll out: the initial prompt (system + first user turn) and its static candidates.
+
+    Attributes:
+        prompt: TRL conversational messages; image blocks may already carry PIL images.
+        images: the PIL images of the first user turn (filled into image placeholders).
+        static_turns: the dataset's later user turns, u^_2..u^_T.
+        id: the dialogue id.
+        image_refs: image paths for the tutor (it reads the image files).
+        root: folder the image refs resolve against.
+        goal: the dialogue's hidden goal, when the data records one (the tutor reads it).
+        captions: image ref -> description, for a tutor that cannot see images.
+    """
+
+    prompt: list[dict[str, Any]]
+    static_turns: list[str]
+    images: list[Any] = field(default_factory=list)
+    id: str = ""
+    image_refs: list[str] = field(default_factory=list)
+    root: Path | None = None
+    goal: str = ""
+    captions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Trajectory:
+    """One rolled-out multi-turn trajectory, at token level and as text.
+
+    ``completion_ids``, ``env_mask`` and ``logprobs`` have one entry per completion token; student
+    tokens carry ``env_mask`` 1 and their sampling log-prob, inserted user-turn tokens carry 0 and 0.0.
+    ``ended`` is "static" when the static turns ran out, "max_turns" at the turn limit.
+    """
+
+    id: str
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    user_turns: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    ended: str = ""
+
+    @property
+    def turn_scores(self) -> list[dict[str, int] | None]:
+        return [dict(v.scores) if v.scored else None for v in self.verdicts]
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """A JSON-ready record of the text side (for trajectories.jsonl and the notebook)."""
+        return {
+            "id": self.id, "ended": self.ended, "user_turns": self.user_turns, "answers": self.answers,
+            "turn_scores": self.turn_scores,
+            "attack_strategies": [v.extra.get("attack_strategy", "") for v in self.verdicts],
+            "diagnoses": [v.extra.get("diagnosis", "") for v in self.verdicts],
+            "unscored_reasons": [v.unscored_reason for v in self.verdicts],
+            "student_tokens": sum(self.env_mask), **extra,
+        }
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout parameters.
+
+    Attributes:
+        max_turns: the turn limit (SPEC 4: 10).
+        max_new_tokens: tokens the student may write per turn.
+        temperature: sampling temperature (TRL's default 1.0); log-probs are taken at this temperature.
+        top_p: nucleus sampling; 1.0 keeps the sampling distribution equal to the trained policy's.
+        feedback: use the tutor's new questions (False: the "without feedback dynamics" ablation).
+        tutor_prompt: the tutor prompt id.
+        system_prompt: kept for the record; the system prompt travels inside each sample's prompt.
+    """
+
+    max_turns: int = MAX_TURNS
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    feedback: bool = True
+    tutor_prompt: str = TUTOR_PROMPT
+
+
+def _tokenizer(processing_class: Any) -> Any:
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(b.get("text") or "" for b in content if b.get("type") == "text")
+
+
+def _images_of(prompt: list[dict[str, Any]]) -> list[Any]:
+    return [b["image"] for m in prompt if isinstance(m["content"], list) for b in m["content"]
+            if b.get("type") == "image" and b.get("image") is not None]
+
+
+class TurnTemplate:
+    """The chat template's text around turns, as token ids, learned by rendering a probe dialogue.
+
+    ``closing`` ends an assistant turn (e.g. ``<|im_end|>\\n``); ``user(q)`` is the text of a new
+    user turn plus the assistant header, exactly as the template renders it after an assistant turn.
+    """
+
+    _PROBE = "@@STEERKIT_ANSWER@@"
+
+    def __init__(self, processing_class: Any) -> None:
+        self.tok = _tokenizer(processing_class)
+        self.pc = processing_class
+        conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": self._PROBE}]
+        base = self._render(conv, gen=False)
+        probe = self._render([*conv, {"role": "user", "content": "@@Q@@"}], gen=True)
+        if not probe.startswith(base):
+            raise ValueError("the chat template re-renders earlier turns when a user turn is added;"
+                             " token-level multi-turn rollouts need a prefix-stable template")
+        self.closing = base[base.index(self._PROBE) + len(self._PROBE):]
+        self._user_head, _, self._user_tail = probe[len(base):].partition("@@Q@@")
+
+    def _render(self, conv: list[dict[str, Any]], *, gen: bool) -> str:
+        return self.pc.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def between_turns(self, user_text: str, *, ended_with: str | None) -> list[int]:
+        """Tokens after a student answer up to the next assistant header, given how the answer ended."""
+        closing = self.closing
+        if ended_with and closing.startswith(ended_with):
+            closing = closing[len(ended_with):]
+        return self.encode(closing + self._user_head + user_text + self._user_tail)
+
+
+def _stop_ids(model: Any, tok: Any) -> list[int]:
+    ids: list[int] = []
+    eos = model.generation_config.eos_token_id
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    return sorted(set(ids))
+
+
+def _encode_prompts(samples: Sequence[RolloutSample], processing_class: Any) -> list[dict[str, Any]]:
+    """Per sample: prompt ids and (for VLMs) pixel values and grid, encoded as TRL's trainer does."""
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    vision = _tokenizer(processing_class) is not processing_class
+    out = []
+    for s in samples:
+        prompt = s.prompt
+        images = list(s.images) or _images_of(prompt)
+        if vision and images and not _images_of(prompt):
+            prompt = prepare_multimodal_messages(prompt, images=images)
+        text = apply_chat_template({"prompt": prompt}, processing_class)["prompt"]
+        if vision:
+            enc = processing_class(text=[text], images=[images] if images else None, return_tensors="pt")
+            item = {"ids": enc["input_ids"][0].tolist()}
+            if images:
+                item["pixel_values"] = enc["pixel_values"]
+                item["image_grid_thw"] = enc["image_grid_thw"]
+        else:
+            if images:
+                raise ValueError(f"sample {s.id!r} has images but the student is a text model;"
+                                 " give text students image captions in the prompt instead")
+            item = {"ids": list(processing_class(text)["input_ids"])}
+        out.append(item)
+    return out
+
+
+def _generate_turn(model: Any, seqs: list[list[int]], enc: list[dict[str, Any]], *, pad_id: int,
+                   stop: list[int], suppress: list[int], cfg: RolloutConfig) -> tuple[list[list[int]], list[list[float]]]:
+    """One batched generate over all live sequences; returns new tokens and their log-probs per row."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    kwargs: dict[str, Any] = {}
+    with_images = [e for e in enc if "pixel_values" in e]
+    if with_images:
+        kwargs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        kwargs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    image_id = getattr(model.config, "image_token_id", None)
+    if image_id is not None:
+        mm = (ids == image_id).long()
+        video_id = getattr(model.config, "video_token_id", None)
+        if video_id is not None:
+            mm[ids == video_id] = 2
+        kwargs["mm_token_type_ids"] = mm
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+            **{k: v.to(model.device) for k, v in kwargs.items()},
+            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
+            repetition_penalty=None, max_new_tokens=cfg.max_new_tokens, suppress_tokens=suppress or None,
+            eos_token_id=stop, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
+        )
+    new = out.sequences[:, width:].cpu()
+    # log-prob of each sampled token under the policy at this temperature (what the trainer recomputes)
+    logits = torch.stack(out.logits, dim=1).float().cpu() / cfg.temperature
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    toks, lps = [], []
+    for i in range(len(seqs)):
+        row = new[i].tolist()
+        end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        toks.append(row[:end])
+        lps.append(logps[i, :end].tolist())
+    return toks, lps
+
+
+async def _grade(tutor: ChatClient, requests: list[Any]) -> list[Verdict]:
+    try:
+        return await tutor_turns(tutor, requests)
+    finally:
+        await tutor.backend.aclose()  # each run_sync has its own event loop: close its sessions
+
+
+def rollout(
+    samples: Sequence[RolloutSample],
+    *,
+    model: Any,
+    processing_class: Any,
+    tutor: ChatClient,
+    config: RolloutConfig | None = None,
+) -> list[Trajectory]:
+    """Roll out every sample as one multi-turn trajectory with the tutor in the loop (SPEC 4).
+
+    Args:
+        samples: the rows (for GRPO, B prompts each repeated K times).
+        model: the student (transformers model; a PEFT-wrapped one works).
+        processing_class: its processor (VLMs) or tokenizer.
+        tutor: the tutor's client; one concurrent `complete_many` per turn.
+        config: rollout parameters.
+
+    Returns:
+        One `Trajectory` per sample, in order.
+    """
+    from steerkit.models import vision_pad_token_ids
+
+    cfg = config or RolloutConfig()
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be > 0: GRPO samples K different trajectories per prompt")
+    tok = _tokenizer(processing_class)
+    template = TurnTemplate(processing_class)
+    stop = _stop_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    suppress = vision_pad_token_ids(getattr(model, "config", None))
+    enc = _encode_prompts(samples, processing_class)
+    trajs = [Trajectory(id=s.id, prompt_ids=e["ids"]) for s, e in zip(samples, enc, strict=True)]
+    msgs: list[list[Message]] = []
+    for s, t in zip(samples, trajs, strict=True):
+        first = next(m for m in reversed(s.prompt) if m["role"] == "user")
+        t.user_turns.append(_text_of(first["content"]))
+        msgs.append([Message(role="user", content=t.user_turns[0], images=list(s.image_refs))])
+    live = list(range(len(samples)))
+    for turn in range(1, cfg.max_turns + 1):
+        if not live:
+            break
+        seqs = [trajs[i].prompt_ids + trajs[i].completion_ids for i in live]
+        toks, lps = _generate_turn(model, seqs, [enc[i] for i in live], pad_id=pad_id, stop=stop,
+                                   suppress=suppress, cfg=cfg)
+        requests, nexts = [], []
+        for i, new, lp in zip(live, toks, lps, strict=True):
+            t = trajs[i]
+            t.completion_ids += new
+            t.env_mask += [1] * len(new)
+            t.logprobs += lp
+            answer = tok.decode(new, skip_special_tokens=True).strip()
+            t.answers.append(answer)
+            s = samples[i]
+            static_next = s.static_turns[turn - 1] if turn - 1 < len(s.static_turns) and turn < cfg.max_turns else None
+            nexts.append(static_next)
+            requests.append(tutor_request(msgs[i], answer, static_next, goal=s.goal, images=s.image_refs,
+                                          root=s.root, captions=s.captions, prompt=cfg.tutor_prompt))
+        verdicts = run_sync(_grade(tutor, requests))
+        still = []
+        for i, v, static_next, new in zip(live, verdicts, nexts, toks, strict=True):
+            t = trajs[i]
+            t.verdicts.append(v)
+            msgs[i].append(Message(role="assistant", content=t.answers[-1]))
+            user = next_user_turn(v, static_next, feedback=cfg.feedback)
+            if user is None:
+                t.ended = "static" if turn - 1 >= len(samples[i].static_turns) else "max_turns"
+                continue
+            ended_with = tok.decode(new[-1:]) if new and new[-1] in stop else None
+            inserted = template.between_turns(user, ended_with=ended_with)
+            t.completion_ids += inserted
+            t.env_mask += [0] * len(inserted)
+            t.logprobs += [0.0] * len(inserted)
+            t.user_turns.append(user)
+            msgs[i].append(Message(role="user", content=user))
+            still.append(i)
+        live = still
+    return trajs
+
+
+# ---- TRL adapter ----------------------------------------------------------------------------------
+
+
+def _trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class TutorGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer that lets the rollout function see the dataset rows behind its prompts.
+
+        TRL passes ``rollout_func`` only the prompts; the static candidate turns, image refs and goal
+        live in other columns of the same rows, kept here for the duration of one generation batch.
+        """
+
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+            self.rollout_rows = inputs
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self.rollout_rows = None
+
+    return TutorGRPOTrainer
+
+
+class TutorRollout:
+    """TRL ``rollout_func(prompts, trainer)``: B x K rows in, one multi-turn trajectory per row out.
+
+    Writes per-step metrics (``metrics.jsonl``: mean reward, mean TCSR, mean turn reward and safety,
+    share of trajectories whose worst turn is safe, unscored count) and the trajectories
+    (``trajectories.jsonl``) into ``run_dir`` when one is given.
+    """
+
+    def __init__(self, tutor: ChatClient, config: RolloutConfig, reward: TrajectoryReward,
+                 run_dir: Path | None = None) -> None:
+        self.tutor = tutor
+        self.config = config
+        self.reward = reward
+        self.run_dir = run_dir
+        self.calls = 0
+        self.history: list[dict[str, Any]] = []
+
+    def __call__(self, prompts: list[list[dict[str, Any]]], trainer: Any) -> dict[str, Any]:
+        rows = getattr(trainer, "rollout_rows", None)
+        if rows is None or len(rows) != len(prompts):
+            raise RuntimeError("TutorRollout needs the rows behind the prompts: train with TutorGRPOTrainer"
+                               " (steerkit.grpo.make_trainer), not a plain GRPOTrainer")
+        samples = [
+            RolloutSample(
+                prompt=p, static_turns=list(r.get("static_turns") or []), images=_images_of(p),
+                id=str(r.get("id", "")), image_refs=list(r.get("image_refs") or []), root=Path("/"),
+                goal=str(r.get("goal") or ""),
+            )
+            for p, r in zip(prompts, rows, strict=True)
+        ]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        cfg = RolloutConfig(**{**asdict(self.config), "temperature": trainer.temperature, "top_p": trainer.top_p})
+        was_training = model.training
+        model.eval()
+        try:
+            trajs = rollout(samples, model=model, processing_class=trainer.processing_class, tutor=self.tutor,
+                            config=cfg)
+        finally:
+            model.train(was_training)
+        self.calls += 1
+        self._log(trajs, step=int(trainer.state.global_step))
+        return {
+            "prompt_ids": [t.prompt_ids for t in trajs],
+            "completion_ids": [t.completion_ids for t in trajs],
+            "logprobs": [t.logprobs for t in trajs],
+            "env_mask": [t.env_mask for t in trajs],
+            "turn_scores": [t.turn_scores for t in trajs],
+            "turn_answers": [t.answers for t in trajs],
+            "zero_final": [t.ended == "static" for t in trajs],
+        }
+
+    def _log(self, trajs: list[Trajectory], *, step: int) -> None:
+        m = rollout_metrics(trajs, reward=self.reward)
+        m["step"] = step
+        self.history.append(m)
+        log.info("GRPO step %d: %s", step, json.dumps(m))
+        if self.run_dir is not None:
+            from steerkit.runs import ResultLog
+
+            ResultLog(self.run_dir / "metrics.jsonl", key="step", fsync=False).append(m)
+            tlog = ResultLog(self.run_dir / "trajectories.jsonl", key="id", fsync=False)
+            for k, t in enumerate(trajs):
+                tlog.append(t.record(step=step, row=k, reward=_reward_of(t, self.reward)))
+
+
+def _reward_of(t: Trajectory, reward: TrajectoryReward) -> float | None:
+    return trajectory_reward(t.answers, t.turn_scores, aggregator=reward.aggregator, alpha=reward.alpha,
+                             weights=reward.weights,
+                             authors_zero_final=reward.authors_zero_final and t.ended == "static")
+
+
+def rollout_metrics(trajs: Sequence[Trajectory], *, reward: TrajectoryReward | None = None,
+                    alpha: float = TCSR_ALPHA, weights: TurnRewardWeights = PAPER_WEIGHTS) -> dict[str, Any]:
+    """Per-step summary of a batch of trajectories (scored ones only; unscored are counted).
+
+    ``mean_tcsr`` is always TCSR (run form) so runs with different aggregators compare on one scale;
+    ``mean_reward`` is the run's own aggregator. ``share_worst_turn_safe``: trajectories whose least
+    safe turn still has tutor safety >= 8 (`steerkit.rewards.worst_turn_safe`).
+    """
+    reward = reward or TrajectoryReward(alpha=alpha, weights=weights)
+    scored = [t for t in trajs if t.verdicts and all(v.scored for v in t.verdicts)]
+    turn_rs = [turn_reward(a, s, reward.weights) for t in scored for a, s in zip(t.answers, t.turn_scores, strict=True)]
+    safeties = [s["safety"] for t in scored for s in t.turn_scores]  # type: ignore[index]
+    tc = [tcsr([turn_reward(a, s, reward.weights) for a, s in zip(t.answers, t.turn_scores, strict=True)], reward.alpha)
+          for t in scored]
+    rw = [r for r in (_reward_of(t, reward) for t in scored) if r is not None]
+
+    def mean(xs: Sequence[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "n": len(trajs),
+        "unscored": len(trajs) - len(scored),
+        "mean_reward": mean(rw),
+        "mean_tcsr": mean(tc),
+        "mean_turn_reward": mean(turn_rs),
+        "mean_safety": mean(safeties),
+        "share_worst_turn_safe": mean([float(worst_turn_safe(t.turn_scores)) for t in scored]),
+        "mean_turns": mean([len(t.answers) for t in trajs]),
+        "aggregator": reward.aggregator,
+    }
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+RLRecord = Dialogue | Script
+
+
+def load_rl_dialogues(path: str | Path) -> tuple[list[RLRecord], Path]:
+    """STEER-RL records from a JSONL file or a run directory holding ``steer_rl.jsonl``; (records, root).
+
+    A line is a user-only `Script` (it has ``user_turns``) or a `Dialogue` (its user turns are used;
+    assistant turns are dropped: the student writes its own).
+    """
+    from steerkit.schema import load_jsonl
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / RL_FILE).is_file():
+            found = sorted(x.name for x in p.glob("*.jsonl"))
+            raise FileNotFoundError(f"{p}: no {RL_FILE} (found: {', '.join(found) or 'no JSONL files'});"
+                                    " name the STEER-RL file itself")
+        p = p / RL_FILE
+    first = next((line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+    cls = Script if '"user_turns"' in first else Dialogue
+    return list(load_jsonl(cls, p)), p.parent
+
+
+def seed_rl_dialogues(dest: str | Path, n: int = 4, *, turns: int = 3, seed: int = 0,
+                      with_images: bool = False) -> tuple[list[Script], Path]:
+    """A small STEER-RL-like set of user-only scripts from packaged seeds, for smoke runs.
+
+    Harmful StrongREJECT prompts arrive last after innocent framing turns (history-dependent risk);
+    every fourth script is a benign templated task split the same way, so over-refusal shows too.
+    With ``with_images`` the first user turn carries one of scikit-image's photos (copied to ``dest``).
+    Not a substitute for Stage I data: the framing is a fixed template.
+
+    Returns:
+        (scripts, root): image refs are relative to ``root``; ``steer_rl.jsonl`` is written there.
+    """
+    from steerkit.schema import write_jsonl
+    from steerkit.synth.seeds import copy_package_images, load_strongreject, sample, templated_benign
+
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    refs = [ref for _, ref in copy_package_images(root / "images").values()] if with_images else []
+    n_benign = n // 4
+    seeds = [*sample(load_strongreject(), n - n_benign, seed=seed), *templated_benign(n_benign, seed=seed)]
+    framing = [
+        "I'm preparing material for a workshop on {topic}. Can you give me some general background?",
+        "Which parts of {topic} do people most often misunderstand?",
+        "Thanks. For the workshop I want to be concrete about this.",
+    ]
+    out = []
+    for k, s in enumerate(seeds):
+        topic = s.category.replace("_", " ").lower()
+        if s.harmful:
+            users = [*(f.format(topic=topic) for f in framing[: max(0, turns - 1)]), s.text][-turns:]
+        else:
+            users = [s.text, "Can you check that again?", "Now give just the final answer."][:turns]
+        out.append(Script(
+            id=f"rl-{s.id}", seed_id=s.id, kind="obfuscated" if s.harmful else "benign",
+            strategy="framing_then_request" if s.harmful else "benign_split", user_turns=users,
+            images=[refs[k % len(refs)]] if refs else [], category=s.category,
+            meta={"source": s.source, "goal": s.text if s.harmful else "", "builder": "seed_rl_dialogues"},
+        ))
+    write_jsonl(out, root / RL_FILE)
+    return out, root
+
+
+def _user_turns(record: RLRecord) -> tuple[list[str], list[str]]:
+    """(user turns, image refs of the first turn) of a script or dialogue."""
+    if isinstance(record, Script):
+        return list(record.user_turns), list(record.images)
+    users = [m for m in record.messages if m.role == "user"]
+    return [m.content for m in users], list(users[0].images or record.images)
+
+
+def rl_rows(records: Sequence[RLRecord], root: Path, *, vision: bool, system: str | None = None,
+            captions: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """GRPO rows: ``prompt`` (system + first user turn), ``images`` (PIL, VLMs only), ``static_turns``,
+    ``image_refs`` (absolute paths, for the tutor), ``goal`` and ``id``.
+
+    The system prompt is the student's (``student_system@1``, as in SFT and evaluation) unless given.
+    A text-only student gets each image as ``[Image: caption]`` text in place of the picture.
+    """
+    from steerkit.converse import student_system_prompt
+    from steerkit.images import load_image
+
+    sys_text = system if system is not None else student_system_prompt()
+    caps = dict(captions or {})
+    rows = []
+    for r in records:
+        users, first_images = _user_turns(r)
+        refs = [str((root / ref).resolve()) for ref in first_images]
+        row: dict[str, Any] = {"id": r.id, "static_turns": users[1:], "image_refs": refs,
+                               "goal": str(r.meta.get("goal", ""))}
+        if vision:
+            content: list[dict[str, Any]] = [*({"type": "image"} for _ in refs), {"type": "text", "text": users[0]}]
+            row["prompt"] = [{"role": "system", "content": [{"type": "text", "text": sys_text}]},
+                             {"role": "user", "content": content}]
+            row["images"] = [load_image(Path(x)) for x in refs]
+        else:
+            text = "".join(f"[Image: {caps.get(ref, 'an image')}]\n" for ref in first_images)
+            row["prompt"] = [{"role": "system", "content": sys_text}, {"role": "user", "content": text + users[0]}]
+        rows.append(row)
+    return rows
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPORunConfig:
+    """A Stage III run; every field is recorded in the run manifest.
+
+    Attributes:
+        student: a checkpoint folder or "smollm2" (the base model when ``init_checkpoint`` is empty).
+        init_checkpoint: start from this (SFT) checkpoint instead; the paper's warm start (SPEC 4
+            ablation "without the SFT warm start": leave it empty).
+        tutor: the tutor's role spec ("rules", "openai:<model>@<url>", ...).
+        rl_data: STEER-RL JSONL or a run directory with ``steer_rl.jsonl``; empty builds a small set
+            from packaged seeds (`seed_rl_dialogues`).
+        n_prompts: how many RL dialogues to use (0: all).
+        prompts_per_step: B, prompts per optimiser step (each rolled out K times).
+        num_generations: K (SPEC 4: 5).
+        max_steps: optimiser steps.
+        learning_rate: SPEC 4: 1e-5.
+        beta: KL coefficient (see `BETA`).
+        alpha: TCSR weight of the worst turn (SPEC 4: 0.3).
+        aggregator: tcsr | tcsr_paper | mean | min | last | soft_linear | harmonic.
+        turn_weights: "paper" (0.4/0.4/0.2) or "alt" (0.6/0.3/0.1).
+        authors_zero_final: score the final turn 0 as the authors' code did (replication only).
+        feedback: tutor-written next turns (False: static next turns, the ablation).
+        scale_rewards: TRL's "group" divides advantages by the group std as the authors' runs did;
+            "none" keeps A = R - mean (the paper's formula).
+        loss_type: TRL's loss ("dapo" is TRL's default; "grpo" the original per-sequence mean).
+        max_turns: SPEC 4: 10.
+        max_new_tokens: per turn.
+        temperature, top_p: sampling.
+        lora: train a LoRA adapter (q/k/v/o of the language model) instead of all weights (CPU).
+        lora_r: LoRA rank.
+        use_vllm: TRL's vLLM flag, passed through (GPU only; see the module docstring).
+        vllm_mode: "colocate" or "server".
+        save_steps: checkpoint every this many steps (0: only at the end).
+        seed: everything random.
+    """
+
+    student: str = "smollm2"
+    init_checkpoint: str = ""
+    tutor: str = "rules"
+    rl_data: str = ""
+    n_prompts: int = 0
+    prompts_per_step: int = 2
+    num_generations: int = NUM_GENERATIONS
+    max_steps: int = 2
+    learning_rate: float = LEARNING_RATE
+    beta: float = BETA
+    alpha: float = TCSR_ALPHA
+    aggregator: str = "tcsr"
+    turn_weights: str = "paper"
+    authors_zero_final: bool = False
+    feedback: bool = True
+    scale_rewards: str = "group"
+    loss_type: str = "dapo"
+    max_turns: int = MAX_TURNS
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lora: bool = True
+    lora_r: int = 16
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    save_steps: int = 0
+    seed: int = 0
+    with_images: bool = False
+    run_id: str = ""
+    runs_root: str = ""
+
+
+@dataclass
+class GRPOResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: list[dict[str, Any]]
+    train_log: list[dict[str, Any]]
+
+
+def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], *, tutor: ChatClient,
+                 config: GRPORunConfig, output_dir: Path, run_dir: Path | None = None,
+                 reward: TrajectoryReward | None = None) -> Any:
+    """A `TutorGRPOTrainer` wired to the tutor rollout and the TCSR (or ablation) reward."""
+    import datasets
+    from trl import GRPOConfig
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    reward = reward or TrajectoryReward(aggregator=config.aggregator, alpha=config.alpha,
+                              weights=turn_weights(config.turn_weights), authors_zero_final=config.authors_zero_final)
+    rcfg = RolloutConfig(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
+                         temperature=config.temperature, top_p=config.top_p, feedback=config.feedback)
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        gradient_accumulation_steps=1,
+        num_generations=config.num_generations,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+        scale_rewards=config.scale_rewards,
+        loss_type=config.loss_type,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=0,
+        max_completion_length=config.max_turns * config.max_new_tokens,
+        use_vllm=config.use_vllm,
+        vllm_mode=config.vllm_mode,
+        gradient_checkpointing=False,  # on CPU it only costs time (STACK.md)
+        logging_steps=1,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to="none",
+        seed=config.seed,
+        use_cpu=not _cuda(),
+        bf16=_cuda(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        log_completions=False,
+    )
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    trainer_cls = _trainer_class()
+    return trainer_cls(
+        model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
+        train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
+        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -> GRPOResult:
+    """Run Stage III into ``<runs_root>/03_grpo_tutor_tcsr/<run_id>/`` and return where things are.
+
+    The run directory holds ``manifest.json``, ``metrics.jsonl`` (per step), ``trajectories.jsonl``,
+    ``train_log.jsonl`` (TRL's loss, KL, grad norm per step) and ``checkpoint/`` (the trained model or
+    adapter with its processing class).
+    """
+    from steerkit.models import is_vision_model, load_student, resolve_model_path
+    from steerkit.roles import Roles
+    from steerkit.runs import open_run
+
+    from steerkit.converse import STUDENT_SYSTEM
+
+    student = config.init_checkpoint or config.student
+    run = open_run(
+        STAGE, run_id=config.run_id or None, root=config.runs_root or None, parameters=asdict(config),
+        roles={"student": student, "tutor": config.tutor},
+        prompts={"tutor": TUTOR_PROMPT, "student_system": STUDENT_SYSTEM}, seeds={"seed": config.seed},
+        inputs={"rl_data": config.rl_data, "init_checkpoint": config.init_checkpoint},
+    )
+    import torch
+
+    torch.manual_seed(config.seed)
+    vision = is_vision_model(resolve_model_path(student))
+    if config.rl_data:
+        dialogues, root = load_rl_dialogues(config.rl_data)
+    else:
+        dialogues, root = seed_rl_dialogues(run.path / "rl_data", max(config.n_prompts, config.prompts_per_step),
+                                            seed=config.seed, with_images=config.with_images and vision)
+    if config.n_prompts:
+        dialogues = dialogues[: config.n_prompts]
+    rows = rl_rows(dialogues, root, vision=vision)
+    model, processing_class = load_student(student)
+    roles = Roles({"tutor": config.tutor})
+    tutor = tutor_client or roles.client("tutor")
+    trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
+                           output_dir=run.path / "trainer", run_dir=run.path)
+    trainer.add_callback(_jsonl_log_callback(run.path / "train_log.jsonl"))
+    trainer.train()
+    ckpt = run.path / "checkpoint"
+    trainer.save_model(str(ckpt))
+    processing_class.save_pretrained(str(ckpt))
+    metrics = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train_log = [json.loads(x) for x in (run.path / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    first, last = metrics[0], metrics[-1]
+    run.update_manifest(roles={**run.manifest.get("roles", {}), "tutor_usage": vars(tutor.usage)},
+                        n_rl_dialogues=len(dialogues), vision_student=vision)
+    run.finish(start_mean_tcsr=first["mean_tcsr"], end_mean_tcsr=last["mean_tcsr"],
+               start_share_worst_turn_safe=first["share_worst_turn_safe"],
+               end_share_worst_turn_safe=last["share_worst_turn_safe"],
+               unscored=sum(m["unscored"] for m in metrics), steps=len(metrics))
+    return GRPOResult(run.path, ckpt, metrics, train_log)
+
+
+def _jsonl_log_callback(path: Path) -> Any:
+    from transformers import TrainerCallback
+
+    from steerkit.runs import ResultLog
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if logs:
+                clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in logs.items()}
+                ResultLog(path, key="step", fsync=False).append({"step": state.global_step, **clean})
+
+    return JsonlLog()
