@@ -239,7 +239,7 @@ class LoopbackServer:
         thread.join(timeout=30)
         if not thread.is_alive():
             loop.close()
-        self._thread = self._loop = None
+        self._thread = self._loop = self._runner = None
         if self._image_dir is not None:
             shutil.rmtree(self._image_dir, ignore_errors=True)
 
