@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -132,7 +133,8 @@ def cache_key(model: str, request: Request) -> str:
 
     Timeouts, retry counts and concurrency are not part of it: they do not change the answer.
     """
-    images = iter(_image_digest(p) for p in request.image_paths())
+    has_images = any(m.images for m in request.messages)
+    images = iter([_image_digest(p) for p in request.image_paths()] if has_images else [])
     msgs = [
         {"role": m.role, "content": m.content, "images": [next(images) for _ in m.images]}
         for m in request.messages
@@ -148,13 +150,27 @@ def cache_key(model: str, request: Request) -> str:
 
 
 class ReplyCache:
-    """An append-only JSONL file of replies by content key; safe to kill at any point."""
+    """An append-only JSONL file of replies by content key; safe to kill at any point.
 
-    def __init__(self, path: Path) -> None:
-        from steerkit.runs import ResultLog
+    Each record is one ``O_APPEND`` write, so a kill leaves whole lines (a torn last line is dropped
+    on the next open by `steerkit.runs.ResultLog`) and clients sharing the file do not interleave.
+    The values of secret environment variables (`steerkit.runs.SECRET_ENV` plus ``secret_env``, e.g.
+    the backend's key variable) are replaced by ``***`` before anything is written.
+    """
 
-        self._log = ResultLog(path, key="key", fsync=False)
-        self._mem: dict[str, dict[str, Any]] = {r["key"]: r for r in self._log}
+    def __init__(self, path: Path, *, secret_env: tuple[str, ...] = ()) -> None:
+        from steerkit.runs import SECRET_ENV, ResultLog
+
+        self.path = Path(path)
+        self._mem: dict[str, dict[str, Any]] = {r["key"]: r for r in ResultLog(self.path, key="key", fsync=False)}
+        self._secret_env = tuple(dict.fromkeys((*SECRET_ENV, *secret_env)))
+        self._secrets: tuple[str, ...] = ()
+        self.refresh_secrets()
+
+    def refresh_secrets(self) -> None:
+        """Re-read the secret values to scrub (`ChatClient` does it before each batch: the
+        environment lookups cost more than the write, so they are not repeated per record)."""
+        self._secrets = tuple(v for k in self._secret_env if (v := os.environ.get(k)))
 
     def get(self, key: str) -> Reply | None:
         r = self._mem.get(key)
@@ -163,7 +179,14 @@ class ReplyCache:
     def put(self, key: str, reply: Reply) -> None:
         rec = {"key": key, "reply": {**vars(reply), "cached": False}}  # fields are flat: no deep copy
         self._mem[key] = rec
-        self._log.append(rec)
+        line = json.dumps(rec, ensure_ascii=False)
+        for secret in self._secrets:
+            line = line.replace(secret, "***")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
     def __len__(self) -> int:
         return len(self._mem)
@@ -205,7 +228,8 @@ class ChatClient:
         self.cache: ReplyCache | None = None
         if cache_dir is not None:
             name = hashlib.sha256(self.spec.encode()).hexdigest()[:16]
-            self.cache = ReplyCache(Path(cache_dir) / f"{name}.jsonl")
+            key_env = getattr(backend, "api_key_env", None)
+            self.cache = ReplyCache(Path(cache_dir) / f"{name}.jsonl", secret_env=(key_env,) if key_env else ())
 
     async def _call_one(self, request: Request, sem: asyncio.Semaphore) -> Reply:
         attempt = 0
@@ -232,6 +256,8 @@ class ChatClient:
         """All replies in request order; cached ones are not sent. ``on_reply`` sees each as it lands."""
         out: list[Reply | None] = [None] * len(requests)
         keys: list[str | None] = [None] * len(requests)
+        if self.cache is not None:
+            self.cache.refresh_secrets()
 
         def from_cache(i: int) -> bool:
             if self.cache is None:

@@ -306,6 +306,8 @@ def test_api_key_is_sent_but_never_stored(loopback_server, tmp_path, monkeypatch
     roles = Roles({"judge": spec}, cache_dir=tmp_path / "cache")
     client = roles.client("judge")
     assert client.complete_sync(ask("hello")).text == "hello"  # the server accepted the key
+    echoed = client.complete_sync(ask(f"my key is {SECRET}"))  # a model may repeat what it saw
+    assert SECRET in echoed.text
     stored = [
         json.dumps(roles.manifest()),
         repr(client.backend),
@@ -317,7 +319,8 @@ def test_api_key_is_sent_but_never_stored(loopback_server, tmp_path, monkeypatch
     monkeypatch.delenv("STEERKIT_TEST_KEY")  # read at call time: without it the server says 401
     reply = client.complete_sync(ask("hello again"))
     assert reply.finish == "error" and reply.error.startswith("HTTP 401")
-    assert server.stats()["outcomes"] == {"ok": 1, "unauthorized": 1}
+    assert server.stats()["outcomes"] == {"ok": 2, "unauthorized": 1}
+    assert "my key is ***" in next((tmp_path / "cache").glob("*.jsonl")).read_text()
 
 
 def test_role_specs_build_the_http_backend(loopback_server):

@@ -207,18 +207,15 @@ class OpenAICompatBackend:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_concurrency, ttl_dns_cache=300),
             timeout=self._timeout,
-            json_serialize=json.dumps,
+            headers={"Content-Type": "application/json"},
             skip_auto_headers=("User-Agent",),
         )
         self._sessions[id(loop)] = (loop, session)
         return session
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    def _headers(self) -> dict[str, str] | None:
+        key = os.environ.get(self.api_key_env)  # read per call, held nowhere
+        return {"Authorization": f"Bearer {key}"} if key else None
 
     async def generate(self, requests: list[Request]) -> list[Reply]:
         return [await self._one(r) for r in requests]
