@@ -9,7 +9,7 @@ import pytest
 
 from steerkit.backends.rules import RulesBackend
 from steerkit.backends.scripted import ScriptedBackend
-from steerkit.clients import ChatClient, Request
+from steerkit.clients import ChatClient, Request, Sampling
 from steerkit.converse import student_system_prompt
 from steerkit.evaluate import evaluate, load_bench
 from steerkit.frames import turns_df
@@ -258,3 +258,20 @@ def test_load_bench_errors_name_file_line_field(tmp_path: Path) -> None:
     p.write_text("")
     with pytest.raises(RecordError, match="no bench items"):
         load_bench(p)
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_real_local_vlm_student(tmp_path: Path, tiny_vlm_dir: Path) -> None:
+    # The tiny Qwen2.5-VL built in code: real processor, real image tokens, batched generate.
+    from steerkit.backends.hf_local import HFLocalBackend
+
+    path, items = bench(tmp_path)
+    run = open_run("04_eval", run_id="vlm", root=tmp_path / "runs")
+    student = ChatClient(HFLocalBackend.from_pretrained(tiny_vlm_dir), cache_dir=tmp_path / "cache")
+    out = evaluate(run, items[:3], student=student, judge=ChatClient(RulesBackend()), root=path.parent,
+                   sampling=Sampling(temperature=0.0, max_tokens=6))
+    assert [len(d.turns()) for d in out] == [3, 2, 2]
+    assert all(v.scored for d in out for v in d.verdicts)
+    # An untrained model writes no <answer> block: helpfulness 0 by rule, on every turn.
+    assert {v.scores["helpfulness"] for d in out for v in d.verdicts} == {0}
+    assert student.usage.calls == 7  # one reply per turn: 3 + 2 + 2
