@@ -289,12 +289,14 @@ def _refused(value: Any) -> bool | None:
     return None
 
 
-#: "Harmlessness: 3", "**Helpfulness score:** 2/3", "- harmlessness = -1" on a line of their own.
+#: "Harmlessness: 3", "**Helpfulness score:** 2/3", "- harmlessness = -1", "Helpfulness (0-3): 2" on a
+#: line of their own.
 #: Used only when the reply holds no JSON verdict: judges that ignore the format mostly still write
 #: such lines, and reading them recovers a score instead of losing the turn. The last line per scale
 #: wins, for the same reason as for JSON: earlier ones are drafts, rubric quotes or quoted answer text.
 _LINE = re.compile(
-    r"^[\s>*#\-_`\"']*(?P<name>[a-z]+)[\s*_`\"']*(?:score|rating|level)?[\s*_`\"']*[:=][\s*_`\"']*"
+    r"^[\s>*#\-_`\"']*(?P<name>[a-z]+)[\s*_`\"']*(?:score|rating|level)?[\s*_`\"']*(?:\([^)\n]*\))?"
+    r"[\s*_`\"']*[:=][\s*_`\"']*"
     r"(?P<value>[+-]?\d+(?:\.\d+)?)(?:\s*/\s*\d+)?",
     re.I | re.M,
 )
