@@ -15,6 +15,7 @@ From a shell (``--fault`` repeats; ``--backend`` takes a role spec)::
 
     python -m steerkit.serve --port 8000 --latency 0.05
     python -m steerkit.serve --backend smollm2 --fault http500=0.05 --fault http429=0.02
+    python -m steerkit.serve --api-key-env STEERKIT_API_KEY    # require that key (never on argv)
 
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /stats`` (request counters by
 outcome, requests in flight and the most seen at once).
@@ -51,6 +52,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -136,6 +138,8 @@ class LoopbackServer:
         journal: keep (last user message, outcome) for every request; read with `journal`.
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>`` or get 401 (as
             ``vllm serve --api-key`` does); lets tests check that a client sends its key.
+        max_batch: for a ``batched`` backend (a local model), the most concurrent requests joined
+            into one ``generate`` call; requests that arrive while a batch runs form the next one.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class LoopbackServer:
         model: str | None = None,
         journal: bool = False,
         api_key: str | None = None,
+        max_batch: int = 32,
     ) -> None:
         if backend is None:
             from steerkit.backends.scripted import named_double
@@ -179,6 +184,9 @@ class LoopbackServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._image_dir: Path | None = None
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[Request, asyncio.Future[Reply]]] | None = None
+        self._batcher: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -223,6 +231,9 @@ class LoopbackServer:
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
         self._runner = runner
+        if self.backend.batched:
+            self._queue = asyncio.Queue()
+            self._batcher = asyncio.get_running_loop().create_task(self._batch_forever())
         self.port = runner.addresses[0][1]
 
     def stop(self) -> None:
@@ -232,16 +243,22 @@ class LoopbackServer:
             return
         if self._runner is not None and loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=30)
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=30)
             except Exception:  # a failed shutdown must not hide the test's own result
                 log.exception("loopback server: shutdown failed")
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         if not thread.is_alive():
             loop.close()
-        self._thread = self._loop = self._runner = None
+        self._thread = self._loop = self._runner = self._queue = self._batcher = None
         if self._image_dir is not None:
             shutil.rmtree(self._image_dir, ignore_errors=True)
+
+    async def _shutdown(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+        assert self._runner is not None
+        await self._runner.cleanup()
 
     def __enter__(self) -> LoopbackServer:
         return self.start() if self._thread is None else self
@@ -337,7 +354,7 @@ class LoopbackServer:
                 outcome = "bad_request"
                 return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
             try:
-                (reply,) = await self.backend.generate([chat_request])
+                reply = await self._generate(chat_request)
             except Exception as exc:
                 log.exception("loopback server: backend %s failed", self.model)
                 outcome = "backend_error"
@@ -360,6 +377,35 @@ class LoopbackServer:
             self._outcomes[outcome] += 1
             if self._keep_journal:
                 self._journal.append((label, outcome))
+
+    async def _generate(self, request: Request) -> Reply:
+        if self._queue is None:
+            (reply,) = await self.backend.generate([request])
+            return reply
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        await self._queue.put((request, future))
+        return await future
+
+    async def _batch_forever(self) -> None:
+        """Join the requests waiting for a batched backend into one ``generate`` call at a time."""
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [(r, f) for r, f in batch if not f.done()]  # skip requests whose client left
+            if not batch:
+                continue
+            try:
+                replies = await self.backend.generate([r for r, _ in batch])
+            except Exception as exc:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            for (_, f), reply in zip(batch, replies, strict=True):
+                if not f.done():
+                    f.set_result(reply)
 
     async def _fault_response(self, request: web.Request, fault: str) -> web.StreamResponse:
         match fault:
@@ -504,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retry-after", type=float, default=1.0)
     p.add_argument("--hang", type=float, default=30.0)
+    p.add_argument("--api-key-env", default=None, help="require the key held in this variable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from steerkit.roles import make_backend
@@ -520,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         retry_after=args.retry_after,
         hang=args.hang,
         model=args.model,
+        api_key=os.environ[args.api_key_env] if args.api_key_env else None,
     ).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

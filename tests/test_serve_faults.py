@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from collections import Counter
 import pytest
 
 from steerkit.backends.openai_compat import OpenAICompatBackend
-from steerkit.clients import ChatClient, Request, RetryPolicy
+from steerkit.clients import ChatClient, Reply, Request, RetryPolicy
 from steerkit.schema import Message
 from steerkit.serve import LoopbackServer, check_faults
 
@@ -163,10 +164,37 @@ def test_stop_cancels_hanging_requests_and_is_idempotent():
         _ = server.base_url
 
 
-def test_command_line_server_serves_until_terminated():
+class _BatchedEcho:
+    """A local-model stand-in (``batched``): records how many requests each generate call got."""
+
+    model, batched, max_concurrency = "local", True, 1
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    async def generate(self, requests: list[Request]) -> list[Reply]:
+        self.batches.append(len(requests))
+        await asyncio.sleep(0.05)  # model time: requests arriving meanwhile form the next batch
+        return [Reply(text=r.messages[-1].content.upper(), model=self.model) for r in requests]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_concurrent_requests_to_a_batched_backend_share_generate_calls(loopback_server):
+    backend = _BatchedEcho()
+    server = loopback_server(backend=backend, max_batch=8)
+    client = ChatClient(OpenAICompatBackend("local", server.base_url, max_concurrency=16))
+    replies = client.complete_many_sync([ask(f"q{i}") for i in range(40)])
+    assert [r.text for r in replies] == [f"Q{i}" for i in range(40)]
+    assert sum(backend.batches) == 40 and max(backend.batches) == 8 and len(backend.batches) <= 12
+
+
+def test_command_line_server_serves_until_terminated(monkeypatch):
+    monkeypatch.setenv("STEERKIT_SERVE_KEY", "sk-cli-test")
     proc = subprocess.Popen(
         [sys.executable, "-m", "steerkit.serve", "--port", "0", "--latency", "0.01", "--model", "judge",
-         "--fault", "http500=0.0"],
+         "--fault", "http500=0.0", "--api-key-env", "STEERKIT_SERVE_KEY"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -174,8 +202,10 @@ def test_command_line_server_serves_until_terminated():
     try:
         base_url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
-        client = ChatClient(OpenAICompatBackend("judge", base_url))
+        client = ChatClient(OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_SERVE_KEY"))
         assert client.complete_sync(ask("over the wire")).text == "over the wire"
+        keyless = ChatClient(OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_NO_SUCH_KEY"))
+        assert keyless.complete_sync(ask("x")).error.startswith("HTTP 401")
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
