@@ -297,16 +297,23 @@ def _auto(value: bool | str, on_gpu: bool) -> bool:
     return on_gpu if value == "auto" else bool(value)
 
 
-def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = None):
-    """The configured trainer and what the manifest should know (backend, data, tracking)."""
+def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = None, resume_from: str | None = None):
+    """The configured trainer and what the manifest should know (backend, data, tracking).
+
+    ``resume_from`` (a trainer checkpoint) matters for full fine-tuning: the weights are loaded from it
+    here, since the trainer's own resume loads a vision model's state dict under its saved key names
+    (``visual.*``, ``model.layers.*``), matches none of them and keeps the initial weights (transformers
+    5.24 only warns). LoRA adapters resume correctly through the trainer.
+    """
     from steerkit import models  # before trl: Unsloth must be imported first when it is used
     from steerkit.converse import STUDENT_SYSTEM, student_system_prompt
     from steerkit.tracking import resolve_report_to
 
     backend = resolve_backend(recipe.backend)
     student = models.resolve_model_path(recipe.student)
-    model, processing_class = models.load_student(student, backend=backend)
     vision = models.is_vision_model(student)
+    weights = Path(resume_from) if resume_from and recipe.finetune == "full" else student
+    model, processing_class = models.load_student(weights, backend=backend)
 
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -375,7 +382,7 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
         callbacks=[train_log_callback(run_dir / TRAIN_LOG), *(callbacks or [])],
     )
     info = {
-        "backend": backend, "student_path": str(student), "vision": vision, "data_file": str(data_file),
+        "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision, "data_file": str(data_file),
         "data": data_summary(dialogues), "captions_source": captions_source,
         "system_prompt": STUDENT_SYSTEM if system else "from the data",
         "gradient_accumulation_steps": accumulation, "processes": world, "vision_params_frozen": frozen,
@@ -454,6 +461,23 @@ def _shared_run_id(recipe: SFTRecipe) -> str:
     return ids[0]
 
 
+def _finished(run_dir: Path, recipe: SFTRecipe) -> bool:
+    """True when the run already finished with these parameters (other parameters are an error)."""
+    mpath = run_dir / "manifest.json"
+    if not mpath.is_file():
+        return False
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("status") != "finished" or not (run_dir / CHECKPOINT).is_dir():
+        return False
+    asked = json.loads(json.dumps(recipe.parameters()))
+    if manifest.get("parameters") != asked:
+        changed = sorted(k for k in set(asked) | set(manifest["parameters"])
+                         if asked.get(k) != manifest["parameters"].get(k))
+        raise ValueError(f"{mpath}: run {run_dir.name!r} finished with other parameters ({', '.join(changed)});"
+                         " choose a new run_id")
+    return True
+
+
 def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
     """Train the student on STEER-SFT; returns the run directory (final model in ``checkpoint/``).
 
@@ -467,18 +491,18 @@ def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
     run_id = _shared_run_id(recipe)
     root = Path(recipe.runs_root) if recipe.runs_root else DEFAULT_RUNS_ROOT
     run = Run(path=root / STAGE / run_id)
-    with state.main_process_first():
-        if state.is_main_process:
-            run = open_run(STAGE, run_id=run_id, root=root, parameters=recipe.parameters(),
-                           roles={"student": recipe.student}, seeds={"seed": recipe.seed},
-                           inputs={"data": str(recipe.data), "eval_data": str(recipe.eval_data)})
-    manifest = json.loads((run.path / "manifest.json").read_text())
-    if manifest.get("status") == "finished" and (run.path / CHECKPOINT).is_dir():
+    if _finished(run.path, recipe):
         log.info("%s: already finished; nothing to do", run.path)
         return run.path
-    trainer, info = build_trainer(recipe, run.path, callbacks=callbacks)
+    state.wait_for_everyone()  # every process has read the status before the main one rewrites it
+    if state.is_main_process:
+        run = open_run(STAGE, run_id=run_id, root=root, parameters=recipe.parameters(),
+                       roles={"student": recipe.student}, seeds={"seed": recipe.seed},
+                       inputs={"data": str(recipe.data), "eval_data": str(recipe.eval_data)})
+    state.wait_for_everyone()
     trainer_dir = run.path / TRAINER_DIR
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    trainer, info = build_trainer(recipe, run.path, callbacks=callbacks, resume_from=last)
     if state.is_main_process:
         run.update_manifest(training=info, resumed_from=last)
     summary: dict[str, Any] = {}

@@ -1,0 +1,289 @@
+"""Stage II SFT: data rows, the assistant-only loss mask, training, resume, DDP and the recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steerkit.runs import REPO_ROOT
+from steerkit.schema import Dialogue, Message, RecordError, write_jsonl
+from steerkit.sft import (
+    CHECKPOINT,
+    STAGE,
+    SFTRecipe,
+    build_trainer,
+    captioned,
+    read_dialogues,
+    run_sft,
+    sft_rows,
+    training_log,
+)
+
+CAPTIONS = {"images/red.png": "a red square", "images/blue.png": "a blue rectangle"}
+
+
+def make_dialogues(folder: Path, n: int = 6) -> Path:
+    """``n`` two-turn dialogues, some with an image in the first or the second user turn."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(folder / "images/red.png")
+    Image.new("RGB", (84, 56), (30, 30, 200)).save(folder / "images/blue.png")
+    rows = []
+    for i in range(n):
+        rows.append(Dialogue(id=f"d{i}", messages=[
+            Message(role="system", content="a system prompt the data came with"),
+            Message(role="user", content=f"What is in picture {i}?", images=["images/red.png"] if i % 2 == 0 else []),
+            Message(role="assistant", content=f"<thinking>look {i}</thinking><answer>A colour {i}.</answer>"),
+            Message(role="user", content="And this one?", images=["images/blue.png"] if i % 3 == 0 else []),
+            Message(role="assistant", content=f"<thinking>risky</thinking><answer>I can't help with that {i}.</answer>"),
+        ]))
+    write_jsonl(rows, folder / "steer_sft.jsonl")
+    (folder / "captions.json").write_text(json.dumps(CAPTIONS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dialogues(tmp_path_factory.mktemp("steer_sft"))
+
+
+def tiny_recipe(tiny_vlm_dir: Path, data_dir: Path, root: Path, **kw) -> SFTRecipe:
+    base = dict(student=str(tiny_vlm_dir), data=str(data_dir), finetune="full", max_steps=4, batch_size=2,
+                per_device_batch_size=2, learning_rate=1e-3, max_length=None, logging_steps=1, save_steps=2,
+                runs_root=str(root))
+    return SFTRecipe(**{**base, **kw})
+
+
+def masked_in_spans(batch, tokenizer) -> list[list[str]]:
+    """Per row, the decoded runs of consecutive tokens that carry loss."""
+    out = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        spans, cur = [], []
+        for tok, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+            if lab != -100:
+                cur.append(tok)
+            elif cur:
+                spans.append(cur)
+                cur = []
+        if cur:
+            spans.append(cur)
+        out.append([tokenizer.decode(s) for s in spans])
+    return out
+
+
+def assistant_texts(data_dir: Path) -> list[list[str]]:
+    return [[m.content for m in d.messages if m.role == "assistant"]
+            for _, d in read_dialogues(data_dir / "steer_sft.jsonl")]
+
+
+# ---- rows ------------------------------------------------------------------------------------------
+
+
+def test_text_rows_put_captions_before_the_turn_and_the_student_system_prompt_first(data_dir: Path) -> None:
+    dialogues = read_dialogues(data_dir / "steer_sft.jsonl")
+    rows = sft_rows(dialogues, data_dir / "steer_sft.jsonl", vision=False, system="SYS", captions=CAPTIONS)
+    first = rows[0]["messages"]
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
+    assert first[0]["content"] == "SYS"  # replaces the data's own system prompt
+    assert first[1]["content"] == "[Image: a red square]\nWhat is in picture 0?"
+    assert first[3]["content"] == "[Image: a blue rectangle]\nAnd this one?"
+    assert rows[1]["messages"][1]["content"] == "What is in picture 1?"
+    assert "images" not in rows[0]
+
+
+def test_vision_rows_keep_image_placeholders_in_order(data_dir: Path) -> None:
+    path = data_dir / "steer_sft.jsonl"
+    rows = sft_rows(read_dialogues(path), path, vision=True, system=None)
+    assert rows[0]["images"] == [str(data_dir / "images/red.png"), str(data_dir / "images/blue.png")]
+    assert rows[0]["messages"][0]["content"][0]["text"] == "a system prompt the data came with"
+    assert rows[0]["messages"][3]["content"][0] == {"type": "image"}
+    assert rows[1]["images"] == []
+
+
+def test_missing_caption_names_file_line_and_field(data_dir: Path) -> None:
+    path = data_dir / "steer_sft.jsonl"
+    with pytest.raises(RecordError, match=r"steer_sft.jsonl:1: field messages\[1\].images\[0\]: no caption"):
+        sft_rows(read_dialogues(path), path, vision=False, system=None, captions={})
+
+
+def test_record_captions_are_used_when_no_file_names_the_image() -> None:
+    m = Message(role="user", content="Hi", images=["x.png", "y.png"])
+    assert captioned(m, {"x.png": "one", "y.png": "two"}, where="f:1", index=1) == "[Image: one]\n[Image: two]\nHi"
+
+
+def test_a_dialogue_ending_on_a_user_turn_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    d = Dialogue(id="x", messages=[Message(role="user", content="a"), Message(role="assistant", content="b"),
+                                   Message(role="user", content="c")])
+    write_jsonl([d], path)
+    with pytest.raises(RecordError, match=r"d.jsonl:1: field messages: the last message must be the assistant's"):
+        read_dialogues(path)
+
+
+# ---- recipes ---------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_paper_values() -> None:
+    r = SFTRecipe()
+    assert (r.learning_rate, r.num_train_epochs, r.optim, r.weight_decay, r.batch_size, r.max_length) == (
+        1e-5, 2, "adamw_torch", 0.01, 16, 32768)  # SPEC 3
+    assert (r.finetune, r.freeze_vision, r.bf16) == ("full", True, "auto")
+
+
+def test_recipe_files_load_and_unknown_fields_fail(tmp_path: Path) -> None:
+    paper = SFTRecipe.from_yaml(REPO_ROOT / "configs/sft_paper_3b.yaml")
+    assert (paper.learning_rate, paper.num_train_epochs, paper.batch_size, paper.max_length) == (1e-5, 2, 16, 32768)
+    smoke = SFTRecipe.from_yaml(REPO_ROOT / "configs/sft_smoke_cpu.yaml", data="x")
+    assert (smoke.student, smoke.finetune, smoke.data) == ("smollm2", "lora", "x")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1.0\n")
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        SFTRecipe.from_yaml(bad)
+
+
+def test_unsloth_without_unsloth_is_a_clear_error(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    from steerkit.models import StudentUnavailable
+
+    with pytest.raises(StudentUnavailable, match="environment-unsloth.yml"):
+        build_trainer(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, backend="unsloth", finetune="lora"), tmp_path)
+
+
+# ---- the loss mask ---------------------------------------------------------------------------------
+
+
+def test_loss_mask_is_exactly_the_assistant_turns_on_a_vlm_with_images(
+    tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    trainer, info = build_trainer(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path), tmp_path)
+    assert info["vision"] and info["data"]["images"] == 5
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] > 0  # the images went in
+    spans = masked_in_spans(batch, trainer.processing_class.tokenizer)
+    # TRL's Qwen2.5-VL training template puts the newline after <|im_end|> inside the generation span
+    assert spans == [[t + "<|im_end|>\n" for t in texts] for texts in assistant_texts(data_dir)[:4]]
+
+
+def test_loss_mask_is_exactly_the_assistant_turns_on_smollm2_with_captions(
+    smollm2_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    recipe = SFTRecipe(student=str(smollm2_dir), data=str(data_dir), finetune="lora", max_length=512, runs_root=str(tmp_path))
+    trainer, info = build_trainer(recipe, tmp_path)
+    assert not info["vision"] and info["captions_source"].endswith("captions.json")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    spans = masked_in_spans(batch, trainer.processing_class)
+    assert spans == [[t + "<|im_end|>" for t in texts] for texts in assistant_texts(data_dir)[:3]]
+    prompt = trainer.processing_class.decode(batch["input_ids"][0])
+    assert "[Image: a red square]\nWhat is in picture 0?" in prompt
+    assert "Think" in prompt or "think" in prompt  # the student system prompt, not the data's
+    assert "a system prompt the data came with" not in prompt
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_full_finetuning_changes_the_language_model_and_not_the_frozen_vision_tower(
+    tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="full", max_steps=3))
+    before, after = _weights(tiny_vlm_dir), _weights(run_dir / CHECKPOINT)
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert any(k.startswith("model.layers.") for k in changed)  # the language model (saved names)
+    assert not any(k.startswith("visual.") for k in changed)
+    log = training_log(run_dir)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["learning_rate"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stage"] == STAGE and manifest["status"] == "finished"
+    assert manifest["parameters"] == tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, max_steps=3).parameters()
+    assert manifest["training"]["vision_params_frozen"] > 0
+    assert manifest["summary"]["global_step"] == 3
+
+
+def test_lora_is_merged_into_a_plain_checkpoint(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    run_dir = run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="lora", finetune="lora", max_steps=2,
+                                  save_steps=10))
+    before, after = _weights(tiny_vlm_dir), _weights(run_dir / CHECKPOINT)
+    assert set(before) == set(after)  # no adapter keys left: loadable as the base architecture
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all(k.startswith("model.layers.") and k.endswith(
+        ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in changed)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoint(
+    tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import TrainerCallback
+
+    from steerkit.backends.hf_local import HFLocalBackend
+    from steerkit.clients import Request, Sampling
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("killed after the step-2 checkpoint")
+
+    recipe = tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="resume")
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(recipe, callbacks=[Kill()])
+    run_dir = tmp_path / STAGE / "resume"
+    assert not (run_dir / CHECKPOINT).exists()
+    assert [r["step"] for r in training_log(run_dir)] == [1, 2]
+
+    run_sft(recipe)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_from"].endswith("checkpoint-2") and len(manifest["resumed_at"]) == 1
+    assert manifest["summary"]["global_step"] == 4
+    assert [r["step"] for r in training_log(run_dir)] == [1, 2, 3, 4]
+
+    uninterrupted = run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="straight"))
+    resumed_losses = [r["loss"] for r in training_log(run_dir)]
+    straight_losses = [r["loss"] for r in training_log(uninterrupted)]
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-4)
+
+    backend = HFLocalBackend.from_pretrained(run_dir / CHECKPOINT)
+    (reply,) = backend.generate_sync([Request([Message(role="user", content="Hello")], sampling=Sampling(max_tokens=4))])
+    assert reply.ok and reply.completion_tokens > 0
+
+
+def test_a_finished_run_is_not_trained_again(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="twice", max_steps=1)
+    run_dir = run_sft(recipe)
+    stamp = (run_dir / CHECKPOINT / "model.safetensors").stat().st_mtime_ns
+    assert run_sft(recipe) == run_dir
+    assert (run_dir / CHECKPOINT / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other parameters"):
+        run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="twice", max_steps=2))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_launch_from_the_command_line(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine: DDP over gloo.
+
+    (``accelerate launch --cpu --num_processes 2`` starts one process unless MPI is configured.)
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "steerkit.sft", "--config", str(REPO_ROOT / "configs/sft_smoke_cpu.yaml"),
+           "--set", f"student={tiny_vlm_dir}", "--set", f"data={data_dir}", "--set", "finetune=full",
+           "--set", "max_length=null", "--set", f"runs_root={tmp_path}", "--set", "run_id=ddp", "--set", "max_steps=2"]
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / STAGE / "ddp" / "manifest.json").read_text())
+    assert manifest["training"]["processes"] == 2
+    assert manifest["training"]["gradient_accumulation_steps"] == 1  # 2 per device x 2 processes = batch 4
+    assert manifest["summary"]["global_step"] == 2
+    assert (tmp_path / STAGE / "ddp" / CHECKPOINT / "config.json").is_file()
