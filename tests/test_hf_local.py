@@ -149,10 +149,32 @@ def test_a_loaded_model_needs_a_name_and_a_vlm_needs_its_processor(tiny: HFLocal
         HFLocalBackend(tiny.net, tiny.processor, name="")
     with pytest.raises(ValueError, match="needs its processor"):
         HFLocalBackend(tiny.net, tiny.tokenizer, name="hf:tiny")
+
+
+
+def test_a_shared_model_generates_from_a_bf16_copy_and_stays_in_training_mode(
+    tiny: HFLocalBackend, images: Path
+) -> None:
+    import torch
+
     shared = HFLocalBackend(tiny.net, tiny.processor, name="hf:tiny@step0", generation_dtype="bfloat16")
     assert shared.net is tiny.net  # training code and generation share one model
-    (reply,) = shared.generate_sync([_ask("hi")])
-    assert reply.ok and reply.model == "hf:tiny@step0"
+    assert shared._gen_net.dtype == torch.bfloat16 and tiny.net.dtype == torch.float32
+    tiny.net.train()
+    try:
+        replies = shared.generate_sync([_ask("hi"), _ask("What is this?", "red.png", root=images)])
+        assert tiny.net.training
+    finally:
+        tiny.net.eval()
+    assert all(r.ok and r.model == "hf:tiny@step0" for r in replies)
+    with torch.no_grad():
+        tiny.net.lm_head.weight.mul_(-1)  # a training step, crudely
+    try:
+        shared.sync_weights()
+        assert torch.allclose(shared._gen_net.lm_head.weight.float(), tiny.net.lm_head.weight, atol=1e-2)
+    finally:
+        with torch.no_grad():
+            tiny.net.lm_head.weight.mul_(-1)
 
 
 # --- the real SmolLM2 ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_tiny_vlm_saves_a_full_checkpoint_with_trls_qwen_template(tiny_vlm_dir: 
 def test_tiny_vlm_is_deterministic(tiny_vlm_dir: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
     again = models.build_tiny_vlm(tmp_path / "again")
-    assert time.perf_counter() - start < 10  # about 0.3 s once transformers is imported
+    assert time.perf_counter() - start < 30  # about 0.3 s once transformers is imported, on an idle machine
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (again / name).read_bytes() == (tiny_vlm_dir / name).read_bytes(), name
     other = models.build_tiny_vlm(tmp_path / "other", seed=1)
@@ -196,7 +196,7 @@ def test_smollm2_is_a_plain_checkpoint_with_a_training_template(smollm2_dir: Pat
 
     start = time.perf_counter()
     assert models.smollm2_path() == smollm2_dir
-    assert time.perf_counter() - start < 1  # materialised once, then found
+    assert time.perf_counter() - start < 5  # materialised once, then found (milliseconds)
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -218,3 +218,7 @@ def test_smollm2_is_a_plain_checkpoint_with_a_training_template(smollm2_dir: Pat
     masked = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     # the loss covers exactly the assistant turns including their end token
     assert tok.decode(masked) == "Mix flour, water, yeast.<|im_end|>Knead\nand bake.<|im_end|>"
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
+
+    assert get_training_chat_template(tok) is None  # TRL takes it as it is for assistant_only_loss
+    assert is_chat_template_stop_token_trained(tok)

@@ -37,9 +37,10 @@ class HFLocalBackend:
         generation_dtype: generate with a copy of the weights in this dtype (``"bfloat16"`` on CPU is
             1.5-2x faster with the same text); call `sync_weights` after training the model.
 
-    Example:
-        >>> backend = HFLocalBackend.smollm2()  # doctest: +SKIP
-        >>> ChatClient(backend).complete_sync(Request([Message(role="user", content="Hi")]))  # doctest: +SKIP
+    Example::
+
+        backend = HFLocalBackend.smollm2(generation_dtype="bfloat16")
+        reply = ChatClient(backend).complete_sync(Request([Message(role="user", content="Hi")]))
     """
 
     batched = True
@@ -96,6 +97,8 @@ class HFLocalBackend:
         model, processor = load_student(path, backend="hf", dtype=dtype, device=device)
         if name is None:
             name = SMOLLM2 if str(path) == SMOLLM2 else f"hf:{Path(path).expanduser().resolve()}"
+            if kwargs.get("generation_dtype"):  # other weights, other text: other cache keys
+                name += f"+{kwargs['generation_dtype']}"
         return cls(model, processor, name=name, **kwargs)
 
     @classmethod
@@ -235,11 +238,16 @@ class HFLocalBackend:
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             if self.suppress_ids:
                 kwargs["suppress_tokens"] = self.suppress_ids
-            with torch.random.fork_rng(devices=_cuda_devices(net)):
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                with torch.inference_mode():
-                    seqs = net.generate(**enc, **kwargs)
+            was_training = net.training  # a model shared with a trainer: no dropout while generating
+            net.eval()
+            try:
+                with torch.random.fork_rng(devices=_cuda_devices(net)):
+                    if sampling.seed is not None:
+                        torch.manual_seed(sampling.seed)
+                    with torch.inference_mode():
+                        seqs = net.generate(**enc, **kwargs)
+            finally:
+                net.train(was_training)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory, a prompt longer than the context
             log.exception("%s: generation failed for %d requests", self.model, len(chunk))
             return [Reply(text="", finish="error", model=self.model, error=f"{type(exc).__name__}: {exc}")
