@@ -339,13 +339,16 @@ class LoopbackServer:
                 body = json.loads(raw)
                 if not isinstance(body, dict):
                     raise BadRequest("the body must be a JSON object")
-                label = _last_user_text(body)
+                if self._keep_journal:
+                    label = _last_user_text(body)
                 if fault in ("timeout", "http500", "http429", "disconnect", "blocked"):
                     outcome = fault
                     return await self._fault_response(request, fault)
                 if body.get("model") != self.model:
                     outcome = "not_found"
                     return _error(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
+                if body.get("stream") or (body.get("n") or 1) != 1:
+                    raise BadRequest("this server answers non-streamed requests with n=1 only")
                 chat_request = self._to_request(body)
             except BadRequest as exc:
                 outcome = "bad_request"

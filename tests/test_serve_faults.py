@@ -143,6 +143,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
             "only base64 data URLs",
         ),
         (b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "sampling"),
+        (b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "stream": true}', "non-streamed"),
     ],
 )
 def test_bad_requests_get_400_with_the_reason(loopback_server, body, words):

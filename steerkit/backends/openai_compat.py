@@ -208,6 +208,7 @@ class OpenAICompatBackend:
             connector=aiohttp.TCPConnector(limit=self.max_concurrency, ttl_dns_cache=300),
             timeout=self._timeout,
             headers={"Content-Type": "application/json"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # stateless API: no per-call cookie filtering
             skip_auto_headers=("User-Agent",),
         )
         self._sessions[id(loop)] = (loop, session)
