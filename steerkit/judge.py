@@ -117,8 +117,8 @@ def _nonce(*texts: str) -> str:
 def verdict_kind(prompt_id: str) -> str:
     """The scale family a rubric's verdicts use: ``judge@1`` -> ``judge``, ``evaluator@1`` -> ``evaluator``."""
     name = prompt_id.partition("@")[0]
-    if name not in SCALES:
-        raise ValueError(f"prompt {prompt_id!r} is not a judge rubric; scales exist for {sorted(SCALES)}")
+    if name not in ("judge", "evaluator"):
+        raise ValueError(f"prompt {prompt_id!r} is not a judge rubric; use judge@N or evaluator@N")
     return name
 
 

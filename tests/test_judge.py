@@ -183,6 +183,8 @@ def test_evaluator_prompt_shares_the_judge_levels() -> None:
 def test_not_a_judge_rubric() -> None:
     with pytest.raises(ValueError, match="not a judge rubric"):
         judge_dialogue_requests(dialogue(("q", "a")), prompt="student_system@1")
+    with pytest.raises(ValueError, match="not a judge rubric"):
+        judge_dialogue_requests(dialogue(("q", "a")), prompt="tutor@1")
 
 
 # ---- the rules judge --------------------------------------------------------------------------
