@@ -120,6 +120,9 @@ def _add(out: list[Seed], seen: set[str], skips: SkipLog, where: str, **fields: 
     if fields["id"] in seen:
         skips.skip(source, "duplicate id", where)
         return
+    if not str(fields.get("text") or "").strip():
+        skips.skip(source, "empty text", where)
+        return
     try:
         seed = Seed(**fields)
     except ValidationError as exc:

@@ -160,16 +160,16 @@ def load_steer_bench(source: str | Path, *, split: str = "test", image_dir: Path
         try:
             return list(read_jsonl(BenchItem, path))
         except RecordError as exc:
-            if "unknown field" not in str(exc):
+            if "unknown field" not in str(exc) and "field messages_fixed." not in str(exc):
                 raise
-            log.info("%s: extra fields beyond the published ones; reading it leniently", path)
+            log.info("%s: extra fields or plain-string turns; reading it leniently (%s)", path, exc)
     import datasets
 
     ds = (datasets.load_dataset("json", data_files=str(path), split="train") if path.is_file()
           else datasets.load_dataset(str(source), split=split))
     out, extra = [], Counter()
     for i, row in enumerate(ds):
-        where = f"{source}[{i}]"
+        where = f"{source}:{i + 1}" if path.is_file() else f"{source}[{split}][{i}]"
         image = row.get("image")
         if image is not None and not isinstance(image, str):
             if image_dir is None:
