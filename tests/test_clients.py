@@ -107,6 +107,21 @@ def test_images_travel_as_base64_parts_and_the_server_sees_their_bytes(loopback_
     assert server.stats()["images"] == 3
 
 
+def test_a_missing_image_fails_that_request_only(loopback_server, tmp_path):
+    png(tmp_path / "here.png", (1, 2, 3))
+    server = loopback_server()
+    requests = [
+        Request([Message(role="user", content="a", images=["here.png"])], root=tmp_path),
+        Request([Message(role="user", content="b", images=["gone.png"])], root=tmp_path),
+        Request([Message(role="user", content="c", images=["../outside.png"])], root=tmp_path),
+    ]
+    ok, missing, outside = client_for(server).complete_many_sync(requests)
+    assert ok.text == "a"
+    assert missing.finish == "error" and "gone.png" in missing.error and missing.attempts == 1
+    assert outside.finish == "error" and "escapes the data root" in outside.error
+    assert server.stats()["requests"] == 1
+
+
 def test_server_error_is_retried_until_success(loopback_server):
     calls = []
 

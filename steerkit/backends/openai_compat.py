@@ -12,6 +12,7 @@ server answer                                           outcome
 timeout, refused or dropped connection, cut body        `TransientError`
 200 whose body is not the JSON of a chat completion     `TransientError`
 any other 4xx                                           ``Reply(finish="error", error=...)``
+an image that cannot be read (nothing is sent)          ``Reply(finish="error", error=...)``
 ======================================================  ====================================
 
 The API key is read from the environment variable named by ``api_key_env`` at each call and goes
@@ -222,7 +223,10 @@ class OpenAICompatBackend:
         return [await self._one(r) for r in requests]
 
     async def _one(self, request: Request) -> Reply:
-        body = chat_body(self.model, request)
+        try:
+            body = chat_body(self.model, request)
+        except (OSError, ValueError) as exc:  # a missing or unreadable image, a ref outside the root
+            return Reply(text="", finish="error", model=self.model, error=f"request not sent: {exc}")
         session = self._session()
         try:
             async with session.post(self._url, data=body, headers=self._headers()) as resp:
@@ -235,6 +239,8 @@ class OpenAICompatBackend:
             raise TransientError(f"response body cut short: {exc}") from None
         except aiohttp.ClientConnectionError as exc:
             raise TransientError(f"connection failed: {type(exc).__name__}: {exc}") from None
+        except aiohttp.ClientError as exc:  # an answer that is not valid HTTP
+            raise TransientError(f"invalid HTTP response: {type(exc).__name__}: {exc}") from None
         if status == 200:
             return self._parse(payload)
         return self._refusal(status, payload, retry_after)
