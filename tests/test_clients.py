@@ -192,16 +192,25 @@ def test_each_transient_fault_recovers_on_retry(loopback_server, fault):
     assert server.stats()["outcomes"].get(fault, 0) == client.usage.retries > 0
 
 
-class _Blocking:
-    """A served model whose provider filtered the answer (finish_reason content_filter)."""
+class _Finishing:
+    """A served model whose every answer ends the same way (``blocked``: the provider filtered it)."""
 
-    model, batched, max_concurrency = "guarded", False, 8
+    batched, max_concurrency = False, 8
+
+    def __init__(self, finish: str, text: str = "") -> None:
+        self.model, self.finish, self.text = f"ends-{finish}", finish, text
 
     async def generate(self, requests: list[Request]) -> list[Reply]:
-        return [Reply(text="", finish="blocked", model=self.model) for _ in requests]
+        return [Reply(text=self.text, finish=self.finish, model=self.model) for _ in requests]
 
     async def aclose(self) -> None:
         return None
+
+
+def test_length_finish_is_passed_through(loopback_server):
+    server = loopback_server(backend=_Finishing("length", "cut at max_tok"))
+    reply = client_for(server).complete_sync(ask("x", sampling=Sampling(max_tokens=3)))
+    assert (reply.text, reply.finish, reply.ok) == ("cut at max_tok", "length", True)
 
 
 def test_blocked_replies_are_data_and_not_retried(loopback_server):
@@ -209,7 +218,7 @@ def test_blocked_replies_are_data_and_not_retried(loopback_server):
     client = client_for(server)
     reply = client.complete_sync(ask("x"))
     assert reply.finish == "blocked" and not reply.ok and "content_filter" in reply.error
-    filtered = loopback_server(backend=_Blocking())  # 200 with finish_reason content_filter
+    filtered = loopback_server(backend=_Finishing("blocked"))  # 200 with finish_reason content_filter
     client2 = client_for(filtered)
     reply2 = client2.complete_sync(ask("x"))
     assert (reply2.finish, reply2.attempts) == ("blocked", 1)
