@@ -45,7 +45,10 @@ def judge_request(i: int) -> Request:
     return Request(
         messages=[
             Message(role="system", content=RUBRIC),
-            Message(role="user", content=f"Conversation {i}:\n{transcript}\n\nGrade the last assistant turn."),
+            Message(
+                role="user",
+                content=f"Conversation {i}:\n{transcript}\n\nGrade the last assistant turn.",
+            ),
         ],
         sampling=Sampling(temperature=0.0, max_tokens=256),
         task="judge@1",
@@ -80,14 +83,31 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--latency", type=float, default=0.05)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="cold runs (each with a new cache); the best and all are shown")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="cold runs (each with a new cache); the best and all are shown",
+    )
     p.add_argument("--profile", action="store_true", help="profile one cold run with pyinstrument")
     args = p.parse_args()
 
     server = subprocess.Popen(
-        [sys.executable, "-m", "steerkit.serve", "--port", "0", "--latency", str(args.latency),
-         "--backend", "scripted:refuser", "--model", "judge"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "steerkit.serve",
+            "--port",
+            "0",
+            "--latency",
+            str(args.latency),
+            "--backend",
+            "scripted:refuser",
+            "--model",
+            "judge",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         base_url = server.stdout.readline().strip()  # type: ignore[union-attr]
@@ -95,8 +115,10 @@ def main() -> None:
             raise SystemExit("the server did not start")
         requests = [judge_request(i) for i in range(args.calls)]
         bound = args.calls * args.latency / args.concurrency
-        print(f"{args.calls} calls, latency {args.latency * 1000:g} ms, concurrency {args.concurrency}: "
-              f"bound {bound:.3f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"{args.calls} calls, latency {args.latency * 1000:g} ms, concurrency {args.concurrency}: "
+            f"bound {bound:.3f} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+        )
         timed_run(base_url, requests[:64], args.concurrency, None)  # warm up imports and the server
         ratios = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,14 +126,20 @@ def main() -> None:
                 cache = Path(tmp) / f"cache{rep}"
                 wall, cpu, served, _ = timed_run(base_url, requests, args.concurrency, cache)
                 ratios.append(wall / bound)
-                print(f"cold run {rep + 1} (cache writes): wall {wall:.3f} s, ratio {wall / bound:.3f}, "
-                      f"client CPU {cpu / args.calls * 1000:.3f} ms/call, server requests {served}")
+                print(
+                    f"cold run {rep + 1} (cache writes): wall {wall:.3f} s, ratio {wall / bound:.3f}, "
+                    f"client CPU {cpu / args.calls * 1000:.3f} ms/call, server requests {served}"
+                )
             wall, cpu, _, _ = timed_run(base_url, requests, args.concurrency, None)
-            print(f"cold run without a cache (reference): wall {wall:.3f} s, ratio {wall / bound:.3f}, "
-                  f"client CPU {cpu / args.calls * 1000:.3f} ms/call")
+            print(
+                f"cold run without a cache (reference): wall {wall:.3f} s, ratio {wall / bound:.3f}, "
+                f"client CPU {cpu / args.calls * 1000:.3f} ms/call"
+            )
             wall, cpu, served, client = timed_run(base_url, requests, args.concurrency, cache)
-            print(f"warm cache run: wall {wall:.3f} s, server requests {served}, "
-                  f"cache hits {client.usage.cache_hits}")
+            print(
+                f"warm cache run: wall {wall:.3f} s, server requests {served}, "
+                f"cache hits {client.usage.cache_hits}"
+            )
             if args.profile:
                 from pyinstrument import Profiler
 
@@ -120,8 +148,10 @@ def main() -> None:
                 out = Path(tmp).parent / "client_throughput_profile.txt"
                 out.write_text(prof.output_text(unicode=False, show_all=False))
                 print(f"profile written to {out}")
-        print(f"best cold ratio {min(ratios):.3f} (goal <= 1.15); all: {', '.join(f'{r:.3f}' for r in ratios)}; "
-              f"load average now {os.getloadavg()[0]:.2f}")
+        print(
+            f"best cold ratio {min(ratios):.3f} (goal <= 1.15); all: {', '.join(f'{r:.3f}' for r in ratios)}; "
+            f"load average now {os.getloadavg()[0]:.2f}"
+        )
         if served != 0:
             raise SystemExit(f"the warm cache run made {served} server requests; it must make none")
     finally:

@@ -60,7 +60,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -70,7 +70,12 @@ from steerkit.schema import Message
 log = logging.getLogger(__name__)
 
 FAULTS = ("http500", "http429", "timeout", "malformed", "truncated", "disconnect", "blocked")
-_EXT_BY_MIME = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp"}
+_EXT_BY_MIME = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+}
 
 
 class BadRequest(ValueError):
@@ -198,7 +203,7 @@ class LoopbackServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
-    def start(self) -> LoopbackServer:
+    def start(self) -> Self:
         """Bind the port and serve from a background thread; returns self."""
         if self._thread is not None:
             raise RuntimeError("the server is already started")
@@ -226,7 +231,9 @@ class LoopbackServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/stats", self._stats_endpoint)
         # handler_cancellation: a client that gives up (timeout) frees its hanging handler at once
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
@@ -260,7 +267,7 @@ class LoopbackServer:
         assert self._runner is not None
         await self._runner.cleanup()
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self) -> Self:
         return self.start() if self._thread is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -303,7 +310,10 @@ class LoopbackServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "steerkit"}]}
+            {
+                "object": "list",
+                "data": [{"id": self.model, "object": "model", "owned_by": "steerkit"}],
+            }
         )
 
     # -- serving -------------------------------------------------------------------------------
@@ -346,7 +356,9 @@ class LoopbackServer:
                     return await self._fault_response(request, fault)
                 if body.get("model") != self.model:
                     outcome = "not_found"
-                    return _error(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
+                    return _error(
+                        404, f"The model `{body.get('model')}` does not exist.", "model_not_found"
+                    )
                 if body.get("stream") or (body.get("n") or 1) != 1:
                     raise BadRequest("this server answers non-streamed requests with n=1 only")
                 chat_request = self._to_request(body)
@@ -369,7 +381,10 @@ class LoopbackServer:
             match fault:
                 case "malformed":
                     outcome = fault
-                    return web.Response(body=payload[: len(payload) // 2] + b"<html>", content_type="application/json")
+                    return web.Response(
+                        body=payload[: len(payload) // 2] + b"<html>",
+                        content_type="application/json",
+                    )
                 case "truncated":
                     outcome = fault
                     return await self._cut_short(request, payload)
@@ -401,7 +416,7 @@ class LoopbackServer:
                 continue
             try:
                 replies = await self.backend.generate([r for r, _ in batch])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the waiting handlers answer 500 with it
                 for _, f in batch:
                     if not f.done():
                         f.set_exception(exc)
@@ -459,10 +474,17 @@ class LoopbackServer:
                 if kind == "text":
                     texts.append(str(part.get("text", "")))
                 elif kind == "image_url":
-                    images.append(self._save_image((part.get("image_url") or {}).get("url", ""), f"messages[{i}].content[{j}]"))
+                    images.append(
+                        self._save_image(
+                            (part.get("image_url") or {}).get("url", ""),
+                            f"messages[{i}].content[{j}]",
+                        )
+                    )
                 else:
                     raise BadRequest(f"messages[{i}].content[{j}].type must be text or image_url")
-            out.append(Message.model_construct(role=m["role"], content="\n".join(texts), images=images))
+            out.append(
+                Message.model_construct(role=m["role"], content="\n".join(texts), images=images)
+            )
         try:
             sampling = Sampling(
                 temperature=float(body.get("temperature", 1.0)),
@@ -478,7 +500,9 @@ class LoopbackServer:
         """Decode a base64 data URL into the image folder; the file name is its sha256."""
         head, sep, data = url.partition(",")
         if not (url.startswith("data:") and sep and head.endswith(";base64")):
-            raise BadRequest(f"{where}: only base64 data URLs are accepted (this server cannot fetch)")
+            raise BadRequest(
+                f"{where}: only base64 data URLs are accepted (this server cannot fetch)"
+            )
         try:
             raw = base64.b64decode(data, validate=True)
         except binascii.Error as exc:
@@ -493,7 +517,9 @@ class LoopbackServer:
 
     def _completion(self, reply: Reply, request: Request) -> bytes:
         # a backend that does not count tokens gets ~4 characters a token: enough to test accounting
-        prompt_tokens = reply.prompt_tokens or 1 + sum(len(m.content) for m in request.messages) // 4
+        prompt_tokens = (
+            reply.prompt_tokens or 1 + sum(len(m.content) for m in request.messages) // 4
+        )
         completion_tokens = reply.completion_tokens or 1 + len(reply.text) // 4
         finish = {"blocked": "content_filter", "length": "length"}.get(reply.finish, "stop")
         return json.dumps(
@@ -503,7 +529,11 @@ class LoopbackServer:
                 "created": int(time.time()),
                 "model": self.model,
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": finish}
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply.text},
+                        "finish_reason": finish,
+                    }
                 ],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
@@ -520,7 +550,9 @@ def _last_user_text(body: dict[str, Any]) -> str:
         if isinstance(m, dict) and m.get("role") == "user":
             c = m.get("content")
             if isinstance(c, list):
-                c = " ".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+                c = " ".join(
+                    p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"
+                )
             return str(c)[:200]
     return ""
 
@@ -547,15 +579,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="a loopback address")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
-    p.add_argument("--backend", default="scripted:echo", help="role spec of the served model (not openai:)")
+    p.add_argument(
+        "--backend", default="scripted:echo", help="role spec of the served model (not openai:)"
+    )
     p.add_argument("--model", default=None, help="served model name (default: the backend's)")
-    p.add_argument("--fault", type=_parse_fault, action="append", default=[], help="NAME=RATE, repeatable")
+    p.add_argument(
+        "--fault", type=_parse_fault, action="append", default=[], help="NAME=RATE, repeatable"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retry-after", type=float, default=1.0)
     p.add_argument("--hang", type=float, default=30.0)
     p.add_argument("--api-key-env", default=None, help="require the key held in this variable")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from steerkit.roles import make_backend
 
     if args.backend.startswith("openai:"):

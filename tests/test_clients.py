@@ -27,8 +27,12 @@ def ask(text: str, **kw) -> Request:
     return Request(messages=[Message(role="user", content=text)], **kw)
 
 
-def client_for(server, *, timeout: float = 5.0, concurrency: int = 8, retry=FAST, cache_dir=None, **kw):
-    backend = OpenAICompatBackend(server.model, server.base_url, max_concurrency=concurrency, timeout=timeout, **kw)
+def client_for(
+    server, *, timeout: float = 5.0, concurrency: int = 8, retry=FAST, cache_dir=None, **kw
+):
+    backend = OpenAICompatBackend(
+        server.model, server.base_url, max_concurrency=concurrency, timeout=timeout, **kw
+    )
     return ChatClient(backend, role="judge", retry=retry, cache_dir=cache_dir)
 
 
@@ -48,10 +52,19 @@ def test_doctests_of_the_http_modules():
 
 
 def test_success_returns_text_usage_and_counts(loopback_server):
-    server = loopback_server(backend=ScriptedBackend(lambda r: "verdict: " + r.messages[-1].content, name="judge"))
+    server = loopback_server(
+        backend=ScriptedBackend(lambda r: "verdict: " + r.messages[-1].content, name="judge")
+    )
     client = client_for(server)
-    reply = client.complete_sync(ask("grade this", sampling=Sampling(temperature=0.7, max_tokens=64, seed=3)))
-    assert (reply.text, reply.finish, reply.model, reply.attempts) == ("verdict: grade this", "stop", "scripted:judge", 1)
+    reply = client.complete_sync(
+        ask("grade this", sampling=Sampling(temperature=0.7, max_tokens=64, seed=3))
+    )
+    assert (reply.text, reply.finish, reply.model, reply.attempts) == (
+        "verdict: grade this",
+        "stop",
+        "scripted:judge",
+        1,
+    )
     assert reply.prompt_tokens > 0 and reply.completion_tokens > 0  # the server's usage block
     assert client.usage.calls == 1 and client.usage.prompt_tokens == reply.prompt_tokens
     assert server.stats()["outcomes"] == {"ok": 1}
@@ -92,7 +105,9 @@ def test_images_travel_as_base64_parts_and_the_server_sees_their_bytes(loopback_
     )
     body = json.loads(openai_compat.chat_body("vlm", req))
     parts = body["messages"][0]["content"]
-    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )
     assert parts[-1] == {"type": "text", "text": "what is this?"}
     assert body["messages"][1]["content"] == "a red square"
 
@@ -147,7 +162,11 @@ def test_rate_limits_are_retried_and_retry_after_is_honoured(loopback_server):
     elapsed = time.perf_counter() - t0
     # two waits of Retry-After (0.2 s); the policy's own backoff would wait at most 0.004 s
     assert 0.4 <= elapsed < 2.0
-    assert reply.finish == "error" and "gave up after 3 attempts" in reply.error and "429" in reply.error
+    assert (
+        reply.finish == "error"
+        and "gave up after 3 attempts" in reply.error
+        and "429" in reply.error
+    )
     assert server.stats()["outcomes"] == {"http429": 3}
 
 
@@ -173,7 +192,11 @@ def test_timeouts_are_retried_then_reported(loopback_server):
 
 @pytest.mark.parametrize(
     ("fault", "words"),
-    [("disconnect", "connection failed"), ("truncated", "cut short"), ("malformed", "malformed response body")],
+    [
+        ("disconnect", "connection failed"),
+        ("truncated", "cut short"),
+        ("malformed", "malformed response body"),
+    ],
 )
 def test_dropped_connections_and_bad_bodies_are_transient(loopback_server, fault, words):
     server = loopback_server(faults={fault: 1.0})
@@ -186,7 +209,9 @@ def test_dropped_connections_and_bad_bodies_are_transient(loopback_server, fault
 @pytest.mark.parametrize("fault", ["disconnect", "truncated", "malformed", "timeout"])
 def test_each_transient_fault_recovers_on_retry(loopback_server, fault):
     server = loopback_server(faults={fault: 0.5}, hang=10.0, seed=1)
-    client = client_for(server, timeout=0.5, retry=RetryPolicy(max_retries=10, base=0.001, cap=0.01))
+    client = client_for(
+        server, timeout=0.5, retry=RetryPolicy(max_retries=10, base=0.001, cap=0.01)
+    )
     replies = client.complete_many_sync([ask(f"q{i}") for i in range(12)])
     assert all(r.ok for r in replies) and [r.text for r in replies] == [f"q{i}" for i in range(12)]
     assert server.stats()["outcomes"].get(fault, 0) == client.usage.retries > 0
@@ -218,7 +243,9 @@ def test_blocked_replies_are_data_and_not_retried(loopback_server):
     client = client_for(server)
     reply = client.complete_sync(ask("x"))
     assert reply.finish == "blocked" and not reply.ok and "content_filter" in reply.error
-    filtered = loopback_server(backend=_Finishing("blocked"))  # 200 with finish_reason content_filter
+    filtered = loopback_server(
+        backend=_Finishing("blocked")
+    )  # 200 with finish_reason content_filter
     client2 = client_for(filtered)
     reply2 = client2.complete_sync(ask("x"))
     assert (reply2.finish, reply2.attempts) == ("blocked", 1)
@@ -231,7 +258,11 @@ def test_other_client_errors_are_reported_not_retried(loopback_server):
     backend = OpenAICompatBackend("no-such-model", server.base_url)
     client = ChatClient(backend, retry=FAST)
     reply = client.complete_sync(ask("x"))
-    assert reply.finish == "error" and reply.error.startswith("HTTP 404") and "does not exist" in reply.error
+    assert (
+        reply.finish == "error"
+        and reply.error.startswith("HTTP 404")
+        and "does not exist" in reply.error
+    )
     assert client.usage.errors == 1 and server.stats()["requests"] == 1
 
 
@@ -250,7 +281,9 @@ def test_replies_come_back_in_request_order_and_on_reply_sees_each(loopback_serv
     server = loopback_server(latency=0.01)
     seen: dict[int, str] = {}
     replies = run_sync(
-        client_for(server).complete_many([ask(f"q{i}") for i in range(30)], on_reply=lambda i, r: seen.__setitem__(i, r.text))
+        client_for(server).complete_many(
+            [ask(f"q{i}") for i in range(30)], on_reply=lambda i, r: seen.__setitem__(i, r.text)
+        )
     )
     assert [r.text for r in replies] == [f"q{i}" for i in range(30)]
     assert seen == {i: f"q{i}" for i in range(30)}
@@ -270,16 +303,22 @@ def test_one_backend_serves_several_event_loops(loopback_server):
 
 
 def _cache_lines(cache_dir: Path) -> list[dict]:
-    return [json.loads(line) for f in cache_dir.glob("*.jsonl") for line in f.read_text().splitlines()]
+    return [
+        json.loads(line) for f in cache_dir.glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
 
 
-def test_cache_key_covers_image_bytes_sampling_and_sample_index_not_timeouts(loopback_server, tmp_path):
+def test_cache_key_covers_image_bytes_sampling_and_sample_index_not_timeouts(
+    loopback_server, tmp_path
+):
     server = loopback_server()
     cache = tmp_path / "cache"
     image = png(tmp_path / "img.png", (255, 0, 0))
 
     def req(**kw) -> Request:
-        return Request([Message(role="user", content="look", images=["img.png"])], root=tmp_path, **kw)
+        return Request(
+            [Message(role="user", content="look", images=["img.png"])], root=tmp_path, **kw
+        )
 
     def served(client: ChatClient, request: Request) -> int:
         before = server.stats()["requests"]
@@ -292,7 +331,9 @@ def test_cache_key_covers_image_bytes_sampling_and_sample_index_not_timeouts(loo
     assert served(client, req(sampling=Sampling(temperature=0.5))) == 1
     assert served(client, req(sampling=Sampling(seed=1))) == 1
     assert served(client, req(sample_index=1)) == 1
-    slow = client_for(server, cache_dir=cache, timeout=99.0, concurrency=2, retry=RetryPolicy(max_retries=1))
+    slow = client_for(
+        server, cache_dir=cache, timeout=99.0, concurrency=2, retry=RetryPolicy(max_retries=1)
+    )
     assert served(slow, req()) == 0  # timeout, concurrency and retries are not part of the key
     time.sleep(0.01)
     png(image, (0, 255, 0))  # same path, new bytes
@@ -379,7 +420,10 @@ def test_an_unreachable_server_is_a_transient_failure_reported_as_error():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = ChatClient(OpenAICompatBackend("m", f"http://127.0.0.1:{port}/v1"), retry=RetryPolicy(max_retries=1, base=0.001))
+    client = ChatClient(
+        OpenAICompatBackend("m", f"http://127.0.0.1:{port}/v1"),
+        retry=RetryPolicy(max_retries=1, base=0.001),
+    )
     reply = client.complete_sync(ask("x"))
     assert reply.finish == "error" and "connection failed" in reply.error and reply.attempts == 2
 

@@ -19,7 +19,13 @@ from steerkit.schema import Message
 from steerkit.serve import LoopbackServer, check_faults
 
 #: The production-like mix the client must survive.
-FAULT_MIX = {"http500": 0.05, "http429": 0.02, "timeout": 0.01, "malformed": 0.01, "truncated": 0.01}
+FAULT_MIX = {
+    "http500": 0.05,
+    "http429": 0.02,
+    "timeout": 0.01,
+    "malformed": 0.01,
+    "truncated": 0.01,
+}
 CALLS = 2000
 
 
@@ -35,15 +41,26 @@ def settled_stats(server: LoopbackServer, deadline: float = 5.0) -> dict:
     return stats
 
 
-def test_2000_calls_through_the_fault_mix_end_ok_or_with_a_reason(loopback_server, tmp_path, record_property):
-    server = loopback_server(latency=0.002, faults=FAULT_MIX, retry_after=0.05, hang=5.0, seed=0, journal=True)
+def test_2000_calls_through_the_fault_mix_end_ok_or_with_a_reason(
+    loopback_server, tmp_path, record_property
+):
+    server = loopback_server(
+        latency=0.002, faults=FAULT_MIX, retry_after=0.05, hang=5.0, seed=0, journal=True
+    )
     backend = OpenAICompatBackend(server.model, server.base_url, max_concurrency=32, timeout=1.0)
-    client = ChatClient(backend, role="judge", retry=RetryPolicy(max_retries=3, base=0.01, cap=0.1), cache_dir=tmp_path)
+    client = ChatClient(
+        backend,
+        role="judge",
+        retry=RetryPolicy(max_retries=3, base=0.01, cap=0.1),
+        cache_dir=tmp_path,
+    )
     ids = [f"req-{i:04d}" for i in range(CALLS)]
     landed: Counter[int] = Counter()
 
     t0 = time.perf_counter()
-    replies = client.complete_many_sync([ask(i) for i in ids], on_reply=lambda i, r: landed.update([i]))
+    replies = client.complete_many_sync(
+        [ask(i) for i in ids], on_reply=lambda i, r: landed.update([i])
+    )
     wall = time.perf_counter() - t0
     stats = settled_stats(server)
 
@@ -82,9 +99,15 @@ def test_2000_calls_through_the_fault_mix_end_ok_or_with_a_reason(loopback_serve
     # only finished answers were cached; a rerun would send exactly the failed ones
     assert len(client.cache) == CALLS - len(failed)
 
-    summary = {"calls": CALLS, "requests_made": made, "retried": retried, "failed": len(failed),
-               "late_answers": late,
-               "wall_s": round(wall, 2), "outcomes": outcomes}
+    summary = {
+        "calls": CALLS,
+        "requests_made": made,
+        "retried": retried,
+        "failed": len(failed),
+        "late_answers": late,
+        "wall_s": round(wall, 2),
+        "outcomes": outcomes,
+    }
     record_property("fault_mix_summary", json.dumps(summary))
     print("fault mix:", json.dumps(summary))
     assert wall < 45
@@ -136,14 +159,25 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         (b"{not json", "invalid JSON"),
         (b"[1, 2]", "JSON object"),
         (b'{"model": "scripted:echo", "messages": []}', "non-empty list"),
-        (b'{"model": "scripted:echo", "messages": [{"role": "tool", "content": "x"}]}', "messages[0].role"),
         (
-            b'{"model": "scripted:echo", "messages": [{"role": "user", "content": '
-            b'[{"type": "image_url", "image_url": {"url": "http://elsewhere/cat.png"}}]}]}',
+            b'{"model": "scripted:echo", "messages": [{"role": "tool", "content": "x"}]}',
+            "messages[0].role",
+        ),
+        (
+            (
+                b'{"model": "scripted:echo", "messages": [{"role": "user", "content": '
+                b'[{"type": "image_url", "image_url": {"url": "http://elsewhere/cat.png"}}]}]}'
+            ),
             "only base64 data URLs",
         ),
-        (b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "sampling"),
-        (b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "stream": true}', "non-streamed"),
+        (
+            b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+            "sampling",
+        ),
+        (
+            b'{"model": "scripted:echo", "messages": [{"role": "user", "content": "x"}], "stream": true}',
+            "non-streamed",
+        ),
     ],
 )
 def test_bad_requests_get_400_with_the_reason(loopback_server, body, words):
@@ -155,7 +189,10 @@ def test_bad_requests_get_400_with_the_reason(loopback_server, body, words):
 
 def test_stop_cancels_hanging_requests_and_is_idempotent():
     server = LoopbackServer(faults={"timeout": 1.0}, hang=60.0).start()
-    client = ChatClient(OpenAICompatBackend(server.model, server.base_url, timeout=0.3), retry=RetryPolicy(max_retries=0))
+    client = ChatClient(
+        OpenAICompatBackend(server.model, server.base_url, timeout=0.3),
+        retry=RetryPolicy(max_retries=0),
+    )
     assert client.complete_sync(ask("x")).finish == "error"
     t0 = time.perf_counter()
     server.stop()
@@ -194,8 +231,21 @@ def test_concurrent_requests_to_a_batched_backend_share_generate_calls(loopback_
 def test_command_line_server_serves_until_terminated(monkeypatch):
     monkeypatch.setenv("STEERKIT_SERVE_KEY", "sk-cli-test")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "steerkit.serve", "--port", "0", "--latency", "0.01", "--model", "judge",
-         "--fault", "http500=0.0", "--api-key-env", "STEERKIT_SERVE_KEY"],
+        [
+            sys.executable,
+            "-m",
+            "steerkit.serve",
+            "--port",
+            "0",
+            "--latency",
+            "0.01",
+            "--model",
+            "judge",
+            "--fault",
+            "http500=0.0",
+            "--api-key-env",
+            "STEERKIT_SERVE_KEY",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -203,9 +253,13 @@ def test_command_line_server_serves_until_terminated(monkeypatch):
     try:
         base_url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
-        client = ChatClient(OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_SERVE_KEY"))
+        client = ChatClient(
+            OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_SERVE_KEY")
+        )
         assert client.complete_sync(ask("over the wire")).text == "over the wire"
-        keyless = ChatClient(OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_NO_SUCH_KEY"))
+        keyless = ChatClient(
+            OpenAICompatBackend("judge", base_url, api_key_env="STEERKIT_NO_SUCH_KEY")
+        )
         assert keyless.complete_sync(ask("x")).error.startswith("HTTP 401")
     finally:
         proc.terminate()

@@ -126,7 +126,8 @@ def chat_body(model: str, request: Request) -> bytes:
     for m in request.messages:
         if m.images:
             parts: list[dict[str, Any]] = [
-                {"type": "image_url", "image_url": {"url": _data_url(next(paths))}} for _ in m.images
+                {"type": "image_url", "image_url": {"url": _data_url(next(paths))}}
+                for _ in m.images
             ]
             parts.append({"type": "text", "text": m.content})
             messages.append({"role": m.role, "content": parts})
@@ -181,7 +182,9 @@ class OpenAICompatBackend:
         timeout: float = 120.0,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url {base_url!r}: write it with its scheme, e.g. http://host:8000/v1")
+            raise ValueError(
+                f"base_url {base_url!r}: write it with its scheme, e.g. http://host:8000/v1"
+            )
         if max_concurrency < 1 or timeout <= 0:
             raise ValueError("max_concurrency must be >= 1 and timeout > 0")
         self.model = model
@@ -195,7 +198,10 @@ class OpenAICompatBackend:
         self._sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
 
     def __repr__(self) -> str:
-        return f"OpenAICompatBackend(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        return (
+            f"OpenAICompatBackend(model={self.model!r}, base_url={self.base_url!r},"
+            f" api_key_env={self.api_key_env!r})"
+        )
 
     def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -225,8 +231,13 @@ class OpenAICompatBackend:
     async def _one(self, request: Request) -> Reply:
         try:
             body = chat_body(self.model, request)
-        except (OSError, ValueError) as exc:  # a missing or unreadable image, a ref outside the root
-            return Reply(text="", finish="error", model=self.model, error=f"request not sent: {exc}")
+        except (
+            OSError,
+            ValueError,
+        ) as exc:  # a missing or unreadable image, a ref outside the root
+            return Reply(
+                text="", finish="error", model=self.model, error=f"request not sent: {exc}"
+            )
         session = self._session()
         try:
             async with session.post(self._url, data=body, headers=self._headers()) as resp:
@@ -256,7 +267,9 @@ class OpenAICompatBackend:
             completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             head = payload[:80].decode("utf-8", "replace")
-            raise TransientError(f"malformed response body ({type(exc).__name__}): {head!r}") from None
+            raise TransientError(
+                f"malformed response body ({type(exc).__name__}): {head!r}"
+            ) from None
         if not isinstance(text, str):
             raise TransientError(f"malformed response body: content is {type(text).__name__}")
         match finish:
@@ -277,10 +290,19 @@ class OpenAICompatBackend:
     def _refusal(self, status: int, payload: bytes, retry_after: str | None) -> Reply:
         code, message = _error_fields(payload)
         if status in RETRY_STATUSES or status >= 500:
-            raise TransientError(f"HTTP {status}: {message}", retry_after=parse_retry_after(retry_after))
+            raise TransientError(
+                f"HTTP {status}: {message}", retry_after=parse_retry_after(retry_after)
+            )
         if status == 400 and code.lower() in CONTENT_FILTER_CODES:
-            return Reply(text="", finish="blocked", model=self.model, error=f"HTTP 400 {code}: {message}")
-        return Reply(text="", finish="error", model=self.model, error=f"HTTP {status} {code}: {message}".strip())
+            return Reply(
+                text="", finish="blocked", model=self.model, error=f"HTTP 400 {code}: {message}"
+            )
+        return Reply(
+            text="",
+            finish="error",
+            model=self.model,
+            error=f"HTTP {status} {code}: {message}".strip(),
+        )
 
     async def aclose(self) -> None:
         """Close the session of the running loop (and forget those of loops already closed)."""
