@@ -262,7 +262,10 @@ class ChatClient:
         def from_cache(i: int) -> bool:
             if self.cache is None:
                 return False
-            keys[i] = cache_key(self.backend.model, requests[i])
+            try:
+                keys[i] = cache_key(self.backend.model, requests[i])
+            except (OSError, ValueError):  # an unreadable image: the backend reports it for this request
+                return False
             hit = self.cache.get(keys[i])  # type: ignore[arg-type]
             if hit is None:
                 return False
@@ -275,8 +278,8 @@ class ChatClient:
         def land(i: int, reply: Reply) -> None:
             out[i] = reply
             self._count(reply)
-            if self.cache is not None and reply.ok:
-                self.cache.put(keys[i], reply)  # type: ignore[arg-type]
+            if self.cache is not None and reply.ok and keys[i] is not None:
+                self.cache.put(keys[i], reply)
             if on_reply:
                 on_reply(i, reply)
 

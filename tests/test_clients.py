@@ -122,7 +122,8 @@ def test_images_travel_as_base64_parts_and_the_server_sees_their_bytes(loopback_
     assert server.stats()["images"] == 3
 
 
-def test_a_missing_image_fails_that_request_only(loopback_server, tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_missing_image_fails_that_request_only(loopback_server, tmp_path, cached):
     png(tmp_path / "here.png", (1, 2, 3))
     server = loopback_server()
     requests = [
@@ -130,7 +131,8 @@ def test_a_missing_image_fails_that_request_only(loopback_server, tmp_path):
         Request([Message(role="user", content="b", images=["gone.png"])], root=tmp_path),
         Request([Message(role="user", content="c", images=["../outside.png"])], root=tmp_path),
     ]
-    ok, missing, outside = client_for(server).complete_many_sync(requests)
+    client = client_for(server, cache_dir=tmp_path / "cache" if cached else None)
+    ok, missing, outside = client.complete_many_sync(requests)
     assert ok.text == "a"
     assert missing.finish == "error" and "gone.png" in missing.error and missing.attempts == 1
     assert outside.finish == "error" and "escapes the data root" in outside.error
