@@ -304,6 +304,18 @@ def test_one_backend_serves_several_event_loops(loopback_server):
     assert client.backend._sessions == {}  # each loop's session was closed
 
 
+def test_sessions_close_with_their_loop_even_without_aclose(loopback_server, recwarn, caplog):
+    import gc
+
+    server = loopback_server()
+    client = client_for(server)
+    for text in ("a", "b"):  # complete_many, not complete_many_sync: nobody awaits aclose
+        assert run_sync(client.complete_many([ask(text)]))[0].text == text
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+    assert "Unclosed" not in caplog.text
+
+
 def _cache_lines(cache_dir: Path) -> list[dict]:
     return [
         json.loads(line) for f in cache_dir.glob("*.jsonl") for line in f.read_text().splitlines()

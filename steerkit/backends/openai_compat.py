@@ -159,6 +159,14 @@ def _error_fields(payload: bytes) -> tuple[str, str]:
     return code, str(err.get("message") or "")[:500]
 
 
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.Event().wait()  # until cancelled when the loop shuts down
+    finally:
+        if not session.closed:
+            await session.close()
+
+
 class OpenAICompatBackend:
     """An OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -196,6 +204,7 @@ class OpenAICompatBackend:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         # one session per event loop: `run_sync` may drive the same backend from fresh loops
         self._sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
+        self._closers: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return (
@@ -219,6 +228,10 @@ class OpenAICompatBackend:
             skip_auto_headers=("User-Agent",),
         )
         self._sessions[id(loop)] = (loop, session)
+        # asyncio.run / uvloop.run cancel leftover tasks before closing the loop: this one then
+        # closes the session on its own loop, so a caller that never awaits `aclose` leaks nothing
+        self._closers = {t for t in self._closers if not t.done()}
+        self._closers.add(loop.create_task(_close_at_loop_end(session)))
         return session
 
     def _headers(self) -> dict[str, str] | None:
@@ -316,3 +329,7 @@ class OpenAICompatBackend:
                 del self._sessions[k]
             elif other.is_closed():
                 del self._sessions[k]
+        for task in list(self._closers):
+            if task.done() or task.get_loop() is loop:
+                task.cancel()
+                self._closers.discard(task)
