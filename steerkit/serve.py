@@ -17,8 +17,9 @@ From a shell (``--fault`` repeats; ``--backend`` takes a role spec)::
     python -m steerkit.serve --backend smollm2 --fault http500=0.05 --fault http429=0.02
     python -m steerkit.serve --api-key-env STEERKIT_API_KEY    # require that key (never on argv)
 
-Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /stats`` (request counters by
-outcome, requests in flight and the most seen at once).
+Endpoints: ``POST /v1/chat/completions`` (non-streamed, ``n=1``), ``GET /v1/models``, ``GET /stats``
+(request counters by outcome, requests in flight and the most seen at once, images received).
+Requests that arrive together for a ``batched`` backend (a local model) share one ``generate`` call.
 
 The wire format is plain OpenAI, nothing added: the served backend sees a `Request` rebuilt from the
 messages (text, images saved under a temporary folder and referenced from ``Request.root``) and the
@@ -39,7 +40,8 @@ in which concurrent requests land:
 - ``disconnect``: the connection closed before any response;
 - ``blocked``: status 400 with error code ``content_filter`` (a policy refusal: not retried).
 
-The server binds loopback addresses only: it has no authentication and is not a production server.
+The server binds loopback addresses only: its key check (``api_key``) is a test of the client, not
+protection, and it is not a production server.
 """
 
 from __future__ import annotations
