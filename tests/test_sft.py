@@ -287,3 +287,64 @@ def test_two_process_ddp_launch_from_the_command_line(tiny_vlm_dir: Path, data_d
     assert manifest["training"]["gradient_accumulation_steps"] == 1  # 2 per device x 2 processes = batch 4
     assert manifest["summary"]["global_step"] == 2
     assert (tmp_path / STAGE / "ddp" / CHECKPOINT / "config.json").is_file()
+
+
+# ---- the GPU smoke script and the GPU lane ----------------------------------------------------------
+
+SMOKE = REPO_ROOT / "scripts" / "gpu_smoke.py"
+
+
+def test_gpu_smoke_script_parses_and_reports_ratios(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SMOKE), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "dry-run" in proc.stdout
+    for name, row in {
+        "sft_hf": {"kind": "sft", "step_s": 2.0, "peak_gib": 40.0, "per_device_batch": 4},
+        "sft_unsloth": {"kind": "sft", "step_s": 1.0, "peak_gib": 20.0, "per_device_batch": 4},
+        "generate_hf": {"kind": "generate", "tokens_per_s": 1000.0, "batch": 64, "new_tokens": 256},
+    }.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(row))
+    proc = subprocess.run([sys.executable, str(SMOKE), "report", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert "Unsloth vs HF SFT: 2.00x faster steps, 0.50x the peak memory" in proc.stdout
+    assert "vLLM vs HF generate: not measured (no vLLM result)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_smoke_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The script's HF steps on the tiny model on CPU: what a GPU box will run, minus the GPU."""
+    proc = subprocess.run([sys.executable, str(SMOKE), "dry-run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft = json.loads((tmp_path / "sft_hf.json").read_text())
+    gen = json.loads((tmp_path / "generate_hf.json").read_text())
+    assert sft["step_s"] > 0 and gen["tokens_per_s"] > 0 and gen["new_tokens"] == 8
+    assert "not measured (no Unsloth result)" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_sft_on_gpu_uses_bf16_and_activation_checkpointing(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    from steerkit.models import load_student
+
+    run_dir = run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="gpu", max_steps=2))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["training"]["bf16"] is True and manifest["training"]["gradient_checkpointing"] is True
+    assert manifest["summary"]["global_step"] == 2
+    model, _ = load_student(run_dir / CHECKPOINT)
+    assert model.device.type == "cuda"
+
+
+@pytest.mark.gpu
+def test_unsloth_sft_step_on_gpu(tiny_vlm_dir: Path, tmp_path: Path) -> None:
+    """Unsloth's LoRA and response-only collator train a step (run in its own process: Unsloth must be
+    imported before transformers)."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        pytest.skip("Unsloth is not installed here (environment-unsloth.yml)")
+    out = tmp_path / "sft_unsloth.json"
+    proc = subprocess.run([sys.executable, str(SMOKE), "sft", "--model", str(tiny_vlm_dir), "--backend", "unsloth",
+                           "--steps", "1", "--per-device-batch", "2", "--image-side", "56", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["step_s"] > 0
