@@ -61,7 +61,9 @@ LEARNING_RATE = 1e-5  # SPEC 4: lr 1e-5 (paper and published scripts)
 #: KL coefficient. The paper's text says 0.1; the published scripts that produced the tables use
 #: 0.001 as a low-variance (k3) KL loss, which is what TRL's beta implements. Default: the scripts.
 BETA = 0.001
-RL_FILE = "steer_rl.jsonl"  # the STEER-RL file a Stage I/II run directory holds
+RL_FILE = "steer_rl.jsonl"  # the STEER-RL file a Stage I run directory holds (steerkit.synth.splits)
+CAPTIONS_FILE = "captions.json"  # image ref -> caption beside it, for text-only students
+CHECKPOINT = "checkpoint"  # a run directory's final model (Stage II and III alike)
 
 
 # ---- samples and trajectories -------------------------------------------------------------------
@@ -738,58 +740,97 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_init(path: str) -> str:
+    """A checkpoint folder, a run directory holding ``checkpoint/`` (Stage II's), or "smollm2"."""
+    p = Path(path)
+    if path != "smollm2" and not (p / "config.json").is_file() and (p / CHECKPOINT / "config.json").is_file():
+        return str(p / CHECKPOINT)
+    return path
+
+
+def load_captions(data_root: Path, records: Sequence[RLRecord]) -> dict[str, str]:
+    """Image ref -> caption: ``captions.json`` beside the RL file, then each record's ``meta.captions``."""
+    caps: dict[str, str] = {}
+    f = data_root / CAPTIONS_FILE
+    if f.is_file():
+        caps.update(json.loads(f.read_text(encoding="utf-8")))
+    for r in records:
+        caps.update({k: v for k, v in (r.meta.get("captions") or {}).items() if isinstance(v, str)})
+    return caps
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.is_file() else []
+
+
 def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -> GRPOResult:
     """Run Stage III into ``<runs_root>/03_grpo_tutor_tcsr/<run_id>/`` and return where things are.
 
     The run directory holds ``manifest.json``, ``metrics.jsonl`` (per step), ``trajectories.jsonl``,
-    ``train_log.jsonl`` (TRL's loss, KL, grad norm per step) and ``checkpoint/`` (the trained model or
-    adapter with its processing class).
+    ``train_log.jsonl`` (TRL's loss, KL, grad norm per step) and ``checkpoint/`` (the trained model,
+    LoRA merged, with its processing class: loadable as ``hf:<run>/checkpoint``). A finished run with
+    the same id is returned as it is; an interrupted one is trained again from the start (its partial
+    logs are cleared): a GRPO step is not resumable mid-rollout.
     """
+    from steerkit.converse import STUDENT_SYSTEM
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run
 
-    from steerkit.converse import STUDENT_SYSTEM
-
-    student = config.init_checkpoint or config.student
+    student = resolve_init(config.init_checkpoint) if config.init_checkpoint else config.student
     run = open_run(
         STAGE, run_id=config.run_id or None, root=config.runs_root or None, parameters=asdict(config),
         roles={"student": student, "tutor": config.tutor},
         prompts={"tutor": TUTOR_PROMPT, "student_system": STUDENT_SYSTEM}, seeds={"seed": config.seed},
         inputs={"rl_data": config.rl_data, "init_checkpoint": config.init_checkpoint},
     )
+    logs = {name: run.path / name for name in ("metrics.jsonl", "trajectories.jsonl", "train_log.jsonl")}
+    if run.manifest.get("summary") and (run.path / CHECKPOINT).is_dir():  # finished before
+        log.info("%s: already finished; nothing to do", run.path)
+        run.update_manifest(status="finished")
+        return GRPOResult(run.path, run.path / CHECKPOINT, _read_jsonl(logs["metrics.jsonl"]),
+                          _read_jsonl(logs["train_log.jsonl"]))
+    for f in logs.values():
+        f.unlink(missing_ok=True)
     import torch
 
     torch.manual_seed(config.seed)
     vision = is_vision_model(resolve_model_path(student))
     if config.rl_data:
-        dialogues, root = load_rl_dialogues(config.rl_data)
+        records, root = load_rl_dialogues(config.rl_data)
     else:
-        dialogues, root = seed_rl_dialogues(run.path / "rl_data", max(config.n_prompts, config.prompts_per_step),
-                                            seed=config.seed, with_images=config.with_images and vision)
+        records, root = seed_rl_dialogues(run.path / "rl_data", max(config.n_prompts, config.prompts_per_step),
+                                          seed=config.seed, with_images=config.with_images and vision)
     if config.n_prompts:
-        dialogues = dialogues[: config.n_prompts]
-    rows = rl_rows(dialogues, root, vision=vision)
+        records = records[: config.n_prompts]
+    rows = rl_rows(records, root, vision=vision, captions=None if vision else load_captions(root, records))
     model, processing_class = load_student(student)
-    roles = Roles({"tutor": config.tutor})
-    tutor = tutor_client or roles.client("tutor")
+    tutor = tutor_client or Roles({"tutor": config.tutor}).client("tutor")
     trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
                            output_dir=run.path / "trainer", run_dir=run.path)
-    trainer.add_callback(_jsonl_log_callback(run.path / "train_log.jsonl"))
+    trainer.add_callback(_jsonl_log_callback(logs["train_log.jsonl"]))
     trainer.train()
-    ckpt = run.path / "checkpoint"
-    trainer.save_model(str(ckpt))
-    processing_class.save_pretrained(str(ckpt))
-    metrics = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train_log = [json.loads(x) for x in (run.path / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
+    metrics, train_log = _read_jsonl(logs["metrics.jsonl"]), _read_jsonl(logs["train_log.jsonl"])
     first, last = metrics[0], metrics[-1]
-    run.update_manifest(roles={**run.manifest.get("roles", {}), "tutor_usage": vars(tutor.usage)},
-                        n_rl_dialogues=len(dialogues), vision_student=vision)
+    run.update_manifest(tutor_usage=vars(tutor.usage), n_rl_records=len(records), vision_student=vision)
     run.finish(start_mean_tcsr=first["mean_tcsr"], end_mean_tcsr=last["mean_tcsr"],
                start_share_worst_turn_safe=first["share_worst_turn_safe"],
                end_share_worst_turn_safe=last["share_worst_turn_safe"],
                unscored=sum(m["unscored"] for m in metrics), steps=len(metrics))
     return GRPOResult(run.path, ckpt, metrics, train_log)
+
+
+def save_checkpoint(trainer: Any, dest: Path) -> Path:
+    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class."""
+    from peft import PeftModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.save_pretrained(dest)
+    trainer.processing_class.save_pretrained(dest)
+    return dest
 
 
 def _jsonl_log_callback(path: Path) -> Any:

@@ -217,23 +217,23 @@ def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
 def test_run_grpo_with_smollm2_lora(smollm2_dir, tmp_path):
     import math
 
-    cfg = GRPORunConfig(student=str(smollm2_dir), prompts_per_step=2, num_generations=2, max_steps=1, max_turns=2,
-                        max_new_tokens=16, lora=True, run_id="smoke", runs_root=str(tmp_path))
-    result = run_grpo_checked(cfg)
-    assert result.metrics[0]["n"] == 4
-    assert result.metrics[0]["mean_turns"] == 2
-    assert all(math.isfinite(h["loss"]) for h in result.train_log if "loss" in h)
-    grads = [h["grad_norm"] for h in result.train_log if "grad_norm" in h]
-    assert grads and grads[0] > 0  # a non-zero gradient: the rewards differed within a group
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["parameters"]["aggregator"] == "tcsr"
-    assert (result.checkpoint / "adapter_config.json").is_file()
-
-
-def run_grpo_checked(cfg):
     from steerkit.grpo import run_grpo
 
-    return run_grpo(cfg)
+    cfg = GRPORunConfig(student=str(smollm2_dir), prompts_per_step=2, num_generations=2, max_steps=1, max_turns=2,
+                        max_new_tokens=12, lora=True, learning_rate=1e-3, run_id="smoke", runs_root=str(tmp_path))
+    result = run_grpo(cfg, tutor_client=varied_tutor_client())
+    assert result.metrics[0]["n"] == 4  # B=2 x K=2 rows
+    assert result.metrics[0]["mean_turns"] == 2
+    losses = [h["loss"] for h in result.train_log if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    grads = [h["grad_norm"] for h in result.train_log if "grad_norm" in h]
+    assert grads and grads[0] > 0  # a non-zero gradient: the turn scores reached the reward and differed
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["parameters"]["aggregator"] == "tcsr"
+    assert (result.checkpoint / "config.json").is_file()  # LoRA merged: a plain checkpoint for evaluation
+    # the same run id again: the finished run is returned, not trained again
+    again = run_grpo(cfg, tutor_client=varied_tutor_client())
+    assert again.metrics == result.metrics
 
 
 def test_served_llm_tutor_drives_a_full_rollout(tiny, rl_set, loopback_server):
