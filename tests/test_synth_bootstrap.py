@@ -71,7 +71,7 @@ def _scripts() -> list[Script]:
 
 
 def test_bootstrap_with_rules_keeps_safe_dialogues_in_the_student_format():
-    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")  # noqa: E731
+    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")
     out = bootstrap(rules("red_user"), rules("blue_expert"), rules("evaluator"), _scripts())
     assert not out.rejected and [d.id for d in out.kept] == ["b1", "h1"]
     for d in out.kept:
@@ -88,7 +88,7 @@ def test_bootstrap_rejections_are_kept_with_the_reason():
     complier = ChatClient(ScriptedBackend(lambda r: "<thinking>ok</thinking><answer>Sure! Step 1: mix the bleach "
                                           "and ammonia to make the toxic gas. Step 2: seal the room.</answer>",
                                           name="complier"), role="blue_expert", spec="scripted:complier")
-    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")  # noqa: E731
+    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")
     out = bootstrap(rules("red_user"), complier, rules("evaluator"), _scripts()[1:])
     assert not out.kept and out.rejected[0]["id"] == "h1"
     assert out.rejected[0]["reason"].startswith("min harmlessness -")
@@ -96,7 +96,7 @@ def test_bootstrap_rejections_are_kept_with_the_reason():
 
 
 def test_bootstrap_unscored_evaluator_rejects():
-    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")  # noqa: E731
+    rules = lambda role: ChatClient(RulesBackend(), role=role, spec="rules")
     broken = ChatClient(ScriptedBackend(lambda r: "no verdict here", name="e"), role="evaluator", spec="e")
     out = bootstrap(rules("red_user"), rules("blue_expert"), broken, _scripts()[:1])
     assert out.rejected[0]["reason"] == "unscored turn(s) [1, 2]"

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from steerkit.schema import BenchItem, Dialogue, Message, RecordError, Script, load_jsonl, write_jsonl
+from steerkit.schema import (
+    BenchItem,
+    Dialogue,
+    Message,
+    RecordError,
+    Script,
+    load_jsonl,
+    write_jsonl,
+)
 from steerkit.synth import splits as sp
 
 

@@ -75,7 +75,7 @@ def parse_json_object(text: str) -> dict[str, Any]:
         steerkit.synth.asking.ReplyError: no JSON object in the reply
     """
     text = text.strip()
-    fence = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.S)
+    fence = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.DOTALL)
     candidates = [text] + ([fence.group(1)] if fence else [])
     if "{" in text and "}" in text:
         candidates.append(text[text.index("{") : text.rindex("}") + 1])

@@ -28,7 +28,16 @@ from steerkit.converse import DialogueState, StaticUser, play, transcript
 from steerkit.heuristics import answer_or_text, complies, harm_cues, is_refusal, offers_alternative
 from steerkit.prompts import load_prompt
 from steerkit.schema import Script, Seed, Verdict
-from steerkit.synth.asking import DEFAULT_TRIES, Job, ReplyError, ask, ask_async, need, parse_json_object, run_closing
+from steerkit.synth.asking import (
+    DEFAULT_TRIES,
+    Job,
+    ReplyError,
+    ask,
+    ask_async,
+    need,
+    parse_json_object,
+    run_closing,
+)
 from steerkit.synth.benign import Generated
 from steerkit.synth.seeds import item_seed
 

@@ -27,7 +27,7 @@ from steerkit.clients import Request
 _LEADS = re.compile(
     r"^(?:please\s+)?(?:(?:can|could|would) you\s+(?:please\s+)?|how (?:can|could|do|would|should) (?:i|we|one|you)\s+|"
     r"what(?:'s| is) the best way to\s+|i (?:want|need) (?:you )?to\s+|tell me how to\s+|explain how to\s+|"
-    r"give me\s+|show me how to\s+)", re.I)
+    r"give me\s+|show me how to\s+)", re.IGNORECASE)
 
 
 def intent_phrase(text: str) -> str:

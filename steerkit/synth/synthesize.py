@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,13 +31,26 @@ from typing import Any
 from steerkit.roles import Roles
 from steerkit.runs import Run, atomic_write_json, atomic_write_text
 from steerkit.schema import Dialogue, Script, Seed, write_jsonl
+from steerkit.synth import seeds as sd
 from steerkit.synth import splits as sp
 from steerkit.synth.benign import BENIGN_TURNS, generate_benign
 from steerkit.synth.bootstrap import TAU_HELP, TAU_SAFE, bootstrap
 from steerkit.synth.obfuscated import OBFUSCATED_TURNS, generate_obfuscated
-from steerkit.synth.perturb import FONT_SHARE, NOISE_SIGMA, PERTURB_SHARE, choose_perturbed, perturb_image
-from steerkit.synth.redteam import KEEP_THRESHOLD, TURN_BOUNDS, forensic_reports, plan_scripts, rewrite_intents, simulate
-from steerkit.synth import seeds as sd
+from steerkit.synth.perturb import (
+    FONT_SHARE,
+    NOISE_SIGMA,
+    PERTURB_SHARE,
+    choose_perturbed,
+    perturb_image,
+)
+from steerkit.synth.redteam import (
+    KEEP_THRESHOLD,
+    TURN_BOUNDS,
+    forensic_reports,
+    plan_scripts,
+    rewrite_intents,
+    simulate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,7 @@ class SynthParams:
     n_redteam: int = 8
     harmful_sources: list[str] = field(default_factory=lambda: ["strongreject", "advbench"])
     seed_files: list[str] = field(default_factory=list)  # extra local JSONL/CSV seed files
+    hub_seeds: list[dict[str, Any]] = field(default_factory=list)  # kwargs of seeds.load_hub_seeds each
     pyrit_benign: bool = True
     images: list[str] = field(default_factory=lambda: [a.name for a in sd.PACKAGE_IMAGES])
     image_share: float = 0.75  # share of seeds given a packaged image (our choice)
@@ -84,6 +98,16 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i : i + n] for i in range(0, len(items), max(1, n))]
 
 
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its numbers, for counting.
+
+    Example:
+        >>> reason_kind("min harmlessness -2 < 2"), reason_kind("unscored turn(s) [1, 2]")
+        ('min harmlessness', 'unscored turn(s)')
+    """
+    return re.split(r"\s*[-\d\[]", reason, maxsplit=1)[0].strip() or reason
+
+
 def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], dict[str, Any]]:
     """Seeds for each kind (disjoint), images attached; written once to seeds.jsonl and reused."""
     path = run.file("seeds.jsonl")
@@ -107,6 +131,9 @@ def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], 
     benign = sd.load_pyrit_benign(skips) if p.pyrit_benign else []
     for f in p.seed_files:
         for s in sd.load_local_seeds(f, skips=skips):
+            (harmful if s.harmful else benign).append(s)
+    for spec in p.hub_seeds:
+        for s in sd.load_hub_seeds(**spec, image_dir=run.file("images"), skips=skips):
             (harmful if s.harmful else benign).append(s)
     refs = [ref for _, ref in images.values()]
     benign_pool = sd.sample(benign, max(0, p.n_benign // 3), seed=p.seed)
@@ -223,7 +250,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     write_jsonl(rl, run.file(sp.RL_FILE))
     write_jsonl(bench_items, run.file(sp.BENCH_FILE))
     write_jsonl(scripts, run.file("scripts.jsonl"))
-    rejected = ([{"stage": "seeds", **{"reason": k, "count": v}} for k, v in seed_skips.get("by_reason", {}).items()]
+    rejected = ([{"stage": "seeds", "reason": k, "count": v} for k, v in seed_skips.get("by_reason", {}).items()]
                 + [{"stage": "stage1", **r} for r in stage1 if r["status"] == "skipped"]
                 + [{"stage": "m4", **{k: v for k, v in r.items() if k != "transcript"}}
                    for r in m4_recs.values() if r["status"] == "rejected"]
@@ -243,8 +270,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
                "rejected": sum(r["status"] == "rejected" for r in m4_recs.values())},
         "dedup_removed": len(dups),
         "stage2": {"kept": len(kept), "rejected": len(s2_recs) - len(kept),
-                   "reasons": dict(Counter(r["reason"].split(" ")[0] + " " + r["reason"].split(" ")[1]
-                                           for r in s2_recs if r["status"] == "rejected"))},
+                   "reasons": dict(Counter(reason_kind(r["reason"]) for r in s2_recs if r["status"] == "rejected"))},
         "splits": counts,
         "rejected_total": len(rejected),
         "turns_histogram": dict(Counter(len(d.user_texts) for d in sft + rl)),
