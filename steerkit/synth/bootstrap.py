@@ -86,7 +86,9 @@ def _state(s: Script, *, system: str, root: Path | None, captions: dict[str, str
         "seed_text": s.meta.get("seed_text") or "",
         "risk_trajectory": list(s.risk_curve), "risk_scale": list(RISK_SCALE), "template_turns": list(s.user_turns),
         "reference": s.meta.get("reference"), "source": s.meta.get("source"), "license": s.meta.get("license"),
-        "perturbation": s.meta.get("perturbation"),
+        "perturbation": s.meta.get("perturbation"), "generator": s.meta.get("generator"),
+        "stage1_prompts": s.meta.get("prompts") or [s.meta.get("prompt")],
+        "rewrite_strategy": (s.meta.get("rewrite") or {}).get("strategy"), "m4": s.meta.get("m4"),
     }
     return DialogueState.start(s.id, s.user_turns, images=s.images, system=system, root=root,
                                captions={r: captions[r] for r in s.images if r in captions}, meta=meta)
