@@ -101,3 +101,11 @@ def test_bootstrap_unscored_evaluator_rejects():
     out = bootstrap(rules("red_user"), rules("blue_expert"), broken, _scripts()[:1])
     assert out.rejected[0]["reason"] == "unscored turn(s) [1, 2]"
     assert json.dumps(out.rejected[0]["dialogue"])  # serialisable for rejected.jsonl
+
+
+def test_rules_blue_expert_describes_the_image_from_its_caption():
+    req = _req("blue_expert@1", {"turn": 0, "meta": {"risk_trajectory": [1, 1]}}, "What is in this picture?",
+               images=["images/cat.png"])
+    req.captions = {"images/cat.png": "The image shows a tabby cat on a sofa."}
+    out = rules_blue_expert(req)
+    assert "a tabby cat on a sofa" in out and format_ok(out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -188,7 +189,8 @@ def rules_blue_expert(request: Request) -> str:
     dialogue meta) is in the upper half of the 1..5 scale, or, without an annotation, when the user
     turn carries harm-lexicon words. Harmful-looking turns get a firm, neutral refusal with a one-line
     reason, a safe related alternative and a follow-up offer; the others get a helpful templated answer
-    that takes up the user's own words and states the reference answer on a benign task's last turn.
+    that takes up the user's own words, describes the image from its caption when asked about it (or on
+    the first turn), and states the reference answer on a benign task's last turn.
     It has no knowledge: its helpful answers are generic, and a real blue expert (SPEC 3 used a strong
     proprietary model) is needed for content worth training on.
     """
@@ -205,14 +207,16 @@ def rules_blue_expert(request: Request) -> str:
                 "be used to cause real harm. What I can do instead is explain the general safety "
                 "considerations around this topic, or point you to official guidance and support "
                 "resources. Would that be useful?</answer>")
+    captions = [request.captions[r] for m in request.messages for r in m.images if request.captions.get(r)]
     words = user_text.split()
     echo = " ".join(words[:40]) + (" ..." if len(words) > 40 else "")
     ref = meta.get("reference")
     if ref and turn + 1 >= total:
         body = f"Putting the details together, the answer is: {ref}."
-    elif turn == 0 and request.messages[1].images:
-        body = ("Looking at the image and your message, I can help with this. Tell me which part you would "
-                "like to focus on, and I will go through it step by step with you.")
+    elif captions and (turn == 0 or any(w in user_text.lower() for w in ("image", "picture", "photo", "shown"))):
+        seen = re.sub(r"^(?:the )?image shows\s+", "", captions[0].strip(), flags=re.I).rstrip(".")
+        body = (f"Here is what the image shows: {seen}. Tell me which part you would like "
+                "to focus on, and I will go into it in more detail.")
     else:
         body = ("Here is the general picture: it depends on the context, the main factors involved and how "
                 "they relate to each other. I am happy to go into more detail on any part of it.")
