@@ -36,15 +36,26 @@ DIALOGUES_FILE = "dialogues.jsonl"
 ALL = "all"  # the subset name of dialogues that name none
 
 
-def as_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+def as_list(spec: str | Path | Sequence[str | Path] | None) -> list[str]:
+    """A list from a list, or from a comma-separated string (how a notebook parameter carries one).
+
+    >>> as_list("base, SFT,"), as_list(["a", "b"]), as_list(None)
+    (['base', 'SFT'], ['a', 'b'], [])
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, str | Path):
+        spec = str(spec).split(",")
+    return [str(s).strip() for s in spec if str(s).strip()]
+
+
+def as_paths(spec: str | Path | Sequence[str | Path] | None) -> list[Path]:
     """Run directories from a path, a list of paths, or a comma-separated string (a notebook parameter).
 
     >>> [p.name for p in as_paths("runs/a, runs/b")]
     ['a', 'b']
     """
-    if isinstance(spec, str | Path):
-        spec = [s.strip() for s in str(spec).split(",")]
-    return [Path(s) for s in spec if str(s).strip()]
+    return [Path(s) for s in as_list(spec)]
 
 
 def subset_of(meta: Mapping[str, Any]) -> str:
@@ -68,7 +79,8 @@ def _student_spec(manifest: Mapping[str, Any]) -> str:
     roles = manifest.get("roles") or {}
     bound = roles.get("bindings", roles) if isinstance(roles, Mapping) else {}
     params = manifest.get("parameters") or {}
-    return str(params.get("student") or bound.get("student") or "")
+    evaluation = manifest.get("evaluation") or {}  # written by steerkit.evaluate
+    return str(params.get("student") or evaluation.get("student") or bound.get("student") or "")
 
 
 def run_label(manifest: Mapping[str, Any], path: Path) -> str:
@@ -105,10 +117,17 @@ class Evaluation:
     label: str
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def student(self) -> str:
+        """The student spec the evaluation replayed (from its manifest; empty when unknown)."""
+        return _student_spec(self.manifest)
+
     @cached_property
     def dialogues(self) -> list[Dialogue]:
+        """The evaluated dialogues; an item redone after a kill appears once (its later record wins)."""
         # images are resolved when rendered, not required to load the scores
-        return load_jsonl(Dialogue, self.path / DIALOGUES_FILE, check_images=False)
+        records = load_jsonl(Dialogue, self.path / DIALOGUES_FILE, check_images=False)
+        return list({d.id: d for d in records}.values())
 
 
 def evaluations(
@@ -131,12 +150,13 @@ def evaluations(
             folders = sorted(p.parent for p in root.glob(f"*/{DIALOGUES_FILE}"))
         if not folders:
             raise FileNotFoundError(f"{root}: no {DIALOGUES_FILE} here or in its subfolders; name an evaluation run")
+        top = _find_manifest(root)
+        top_id = str(top[1].get("run_id") or top[0].name) if top else root.name
         for folder in folders:
             found = _find_manifest(folder)
-            mroot, manifest = found if found else (folder, {})
-            run_id = str(manifest.get("run_id") or mroot.name)
-            if folder != mroot:
-                run_id = f"{run_id}/{folder.relative_to(mroot).as_posix()}"
+            manifest = found[1] if found else {}
+            # a checkpoint subfolder is named within its run: "<run_id>/<subfolder>"
+            run_id = top_id if folder == root else f"{top_id}/{folder.relative_to(root).as_posix()}"
             out.append(Evaluation(path=folder, run_id=run_id, label=run_label(manifest, folder), manifest=manifest))
     if labels is not None:
         if isinstance(labels, Mapping):
@@ -169,7 +189,9 @@ def runs_df(runs: Any) -> pd.DataFrame:
             "run_id": e.run_id, "label": e.label, "path": str(e.path), "stage": m.get("stage"),
             "status": m.get("status"), "created_at": m.get("created_at"),
             "git_commit": (m.get("git") or {}).get("commit"), "git_dirty": (m.get("git") or {}).get("dirty"),
-            "student": _student_spec(m) or None, "judge": (m.get("parameters") or {}).get("judge") or bound.get("judge"),
+            "student": _student_spec(m) or None,
+            "judge": (m.get("parameters") or {}).get("judge") or (m.get("evaluation") or {}).get("judge")
+            or bound.get("judge"),
             "n_dialogues": len(e.dialogues),
         }
         row.update({f"param.{k}": v for k, v in (m.get("parameters") or {}).items()})

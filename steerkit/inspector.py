@@ -41,8 +41,10 @@ class Inspector:
 
     Args:
         runs: evaluation run directories (see `steerkit.frames.evaluations`) or evaluations.
-        student: the model to replay a fork with (a `ChatClient` or a role spec such as
-            ``"smollm2"``); built at the first fork. None disables forking.
+        student: the model to replay a fork with: a `ChatClient`, a role spec such as ``"smollm2"``,
+            or a mapping run id -> client or spec (each evaluation forks with its own student, e.g.
+            ``{e.run_id: e.student for e in evaluations}``); built at the first fork. None disables
+            forking.
         judge: the judge of forked turns (client or spec, e.g. ``"rules"``). None leaves forks unjudged.
         sampling: the student's sampling for forks.
         captions: image ref -> description for text-only students and judges.
@@ -53,7 +55,7 @@ class Inspector:
         self,
         runs: Any,
         *,
-        student: ChatClient | str | None = None,
+        student: ChatClient | str | Mapping[str, ChatClient | str] | None = None,
         judge: ChatClient | str | None = None,
         sampling: Sampling = FORK_SAMPLING,
         captions: Mapping[str, str] | None = None,
@@ -69,7 +71,7 @@ class Inspector:
         }
         self._label = {e.run_id: e.label for e in self.evaluations}
         self._student_spec, self._judge_spec = student, judge
-        self._student: ChatClient | None = None
+        self._students: dict[str, ChatClient] = {}
         self._judge: ChatClient | None = None
         self.sampling = sampling
         self.captions = dict(captions or {})
@@ -182,16 +184,14 @@ class Inspector:
         text = text if text is not None else (self.fork_text.value or d.user_texts[k - 1])
         if not text.strip():
             raise ValueError("the edited user turn is empty")
-        self._student = self._student or _client(self._student_spec, "student")
-        if self._student is None:
-            raise ValueError("no student to replay with; pass Inspector(..., student='smollm2' or a client)")
         run_id, _ = self.key  # type: ignore[misc]
+        student = self._student_for(run_id)
         root = self._records[self.key][1]  # type: ignore[index]
         script = [*d.user_texts[: k - 1], text, *d.user_texts[k:]]
         state = DialogueState.from_prefix(d, keep_turns=k - 1, script=script, root=root, captions=self.captions)
         state.id = f"{d.id}~fork{k}"
         state.meta["forked_from"] = {"run_id": run_id, "dialogue_id": d.id, "turn": k}
-        run_sync(play([state], user=StaticUser(), assistant=self._student, sampling=self.sampling,
+        run_sync(play([state], user=StaticUser(), assistant=student, sampling=self.sampling,
                       max_turns=max_turns or len(d.turns()) or len(script)))
         kept = [v for v in d.verdicts if isinstance(v.extra.get("turn"), int) and v.extra["turn"] < k]
         forked = state.to_dialogue(kind=d.kind, strategy=d.strategy, verdicts=kept)
@@ -205,6 +205,19 @@ class Inspector:
         self.fork_view.value = (f"<h4>Fork of {d.id} at turn {k}</h4>"
                                 + dialogue_html(forked, root=root, highlight=k))
         return forked
+
+    def _student_for(self, run_id: str) -> ChatClient:
+        spec = self._student_spec
+        if isinstance(spec, Mapping):
+            spec = spec.get(run_id)
+        key = run_id if isinstance(self._student_spec, Mapping) else ""
+        if key not in self._students:
+            client = _client(spec, "student")  # type: ignore[arg-type]
+            if client is None:
+                raise ValueError(f"no student to replay run {run_id!r} with; pass Inspector(..., student='smollm2',"
+                                 " a client, or a mapping run id -> spec)")
+            self._students[key] = client
+        return self._students[key]
 
     # ---- widgets ------------------------------------------------------------------------------
 

@@ -113,3 +113,15 @@ def test_widget_assembles(runs):
     assert ins.filters["outcome"] == "failed" and ins.key == ("r-base", "d1")
     ins.turn_slider.value = 3
     assert ins.turn == 3
+
+
+def test_each_run_forks_with_its_own_student(runs):
+    ins = Inspector(runs, student={"r-base": "scripted:complier", "r-sft": "scripted:refuser"})
+    ins.select(("r-base", "d2"))
+    assert "Sure, here is how" in ins.fork(1, "hi", max_turns=1).messages[-1].content
+    ins.select(("r-sft", "d2"))
+    assert "I can't help" in ins.fork(1, "hi", max_turns=1).messages[-1].content
+    missing = Inspector(runs, student={"r-base": "scripted:refuser"})
+    missing.select(("r-sft", "d1"))
+    with pytest.raises(ValueError, match="no student to replay run 'r-sft'"):
+        missing.fork(1, "x")

@@ -184,3 +184,11 @@ def test_paper_tables_and_beside():
     assert paper_rows.loc["STEER-Beaver", "safety"] == 21.79   # the prefix is matched to "Beaver"
     assert paper_rows.loc["Avg", "helpfulness"] == 27.13
     assert b[b.model == "tuned"].source.tolist() == ["ours"]    # no paper counterpart named
+
+
+def test_parse_match_names_the_paper_models():
+    assert paper_reference.parse_match("") == {}
+    with pytest.raises(ValueError, match="<our label>=<paper model>"):
+        paper_reference.parse_match("base=3B something")
+    with pytest.raises(ValueError, match="<our label>=<paper model>"):
+        paper_reference.parse_match("base")
