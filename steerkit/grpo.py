@@ -845,3 +845,36 @@ def _jsonl_log_callback(path: Path) -> Any:
                 ResultLog(path, key="step", fsync=False).append({"step": state.global_step, **clean})
 
     return JsonlLog()
+
+
+# ---- reading a run back ---------------------------------------------------------------------------
+
+CURVE_METRICS = ("mean_tcsr", "mean_reward", "mean_turn_reward", "mean_safety", "share_worst_turn_safe")
+
+
+def grpo_frames(runs: dict[str, str | Path]) -> tuple[Any, Any]:
+    """GRPO run directories (label -> path) -> (per-step metrics, per-turn scores) as tidy DataFrames.
+
+    Metrics: one row per (label, step, metric) for `CURVE_METRICS` plus ``unscored``. Turns: one row
+    per (label, step, row, turn) with the tutor's scores, its attack strategy, the user turn the
+    student answered, the answer and the trajectory's reward.
+    """
+    import pandas as pd
+
+    curves, turns = [], []
+    for label, path in runs.items():
+        run = Path(path)
+        for m in _read_jsonl(run / "metrics.jsonl"):
+            curves += [{"run": label, "step": m["step"], "metric": k, "value": m.get(k)}
+                       for k in (*CURVE_METRICS, "unscored")]
+        for t in _read_jsonl(run / "trajectories.jsonl"):
+            for j, (user, answer) in enumerate(zip(t["user_turns"], t["answers"], strict=False)):
+                s = t["turn_scores"][j] or {}
+                turns.append({
+                    "run": label, "step": t["step"], "row": t["row"], "id": t["id"], "turn": j + 1,
+                    "safety": s.get("safety"), "usefulness": s.get("usefulness"),
+                    "faithfulness": s.get("faithfulness"), "unscored_reason": t["unscored_reasons"][j],
+                    "attack_strategy": t["attack_strategies"][j], "user_turn": user, "answer": answer,
+                    "reward": t["reward"],
+                })
+    return pd.DataFrame(curves), pd.DataFrame(turns)
