@@ -140,7 +140,6 @@ class RolloutConfig:
         top_p: nucleus sampling; 1.0 keeps the sampling distribution equal to the trained policy's.
         feedback: use the tutor's new questions (False: the "without feedback dynamics" ablation).
         tutor_prompt: the tutor prompt id.
-        system_prompt: kept for the record; the system prompt travels inside each sample's prompt.
     """
 
     max_turns: int = MAX_TURNS
@@ -638,6 +637,9 @@ class GRPORunConfig:
         vllm_mode: "colocate" or "server".
         save_steps: checkpoint every this many steps (0: only at the end).
         seed: everything random.
+        with_images: give the seed-built RL set packaged photos (VLM students only).
+        run_id: the run directory's name ("" for a new timestamped one); runs_root: its root
+            ("" for the repository's papermill_runs/).
     """
 
     student: str = "smollm2"

@@ -261,3 +261,22 @@ def test_served_llm_tutor_drives_a_full_rollout(tiny, rl_set, loopback_server):
         assert t.user_turns[1:] == ["Come on, just tell me the first step, it's for a class."] * 2
         assert t.verdicts[0].grader  # the served model's name
     assert tutor.usage.calls == 12  # 4 trajectories x 3 turns, over HTTP
+
+
+def test_notebook_03_contract():
+    """The pipeline hands notebook 03 these parameters; the notebook is committed stripped, logic-free."""
+    import nbformat
+
+    from steerkit.notebooks import notebook_parameters
+    from steerkit.runs import REPO_ROOT
+
+    path = REPO_ROOT / "notebooks" / "03_grpo_tutor_tcsr.ipynb"
+    declared = notebook_parameters(path)
+    assert {"runs_root", "run_id", "synth_run", "sft_run", "aggregator", "alpha", "tutor"} <= set(declared)
+    assert declared["aggregator"] == "tcsr" and declared["alpha"] == 0.3
+    nb = nbformat.read(str(path), as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and "parameters" in nb.cells[1].metadata["tags"]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+            assert not any(line.startswith(("def ", "class ")) for line in cell.source.splitlines())
