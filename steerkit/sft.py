@@ -40,12 +40,11 @@ from typing import Any
 
 from steerkit.runs import DEFAULT_RUNS_ROOT, Run, ResultLog, new_run_id, open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
+from steerkit.synth.splits import CAPTIONS_FILE, RL_FILE, SFT_FILE
 
 log = logging.getLogger(__name__)
 
 STAGE = "02_sft_bootstrap"
-SFT_FILE = "steer_sft.jsonl"  # the STEER-SFT split inside a Stage I run directory
-CAPTIONS_FILE = "captions.json"  # image ref -> caption, beside the data file
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT = "checkpoint"  # the final model inside the run directory
 TRAINER_DIR = "trainer"  # resumable trainer checkpoints
@@ -518,6 +517,54 @@ def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
     if state.is_main_process:
         run.finish(**summary)
     return run.path
+
+
+# ---- data for smoke runs, and answers before and after -------------------------------------------
+
+
+def offline_sft_data(runs_root: str | Path | None = None, *, run_id: str = "offline-sft", n_benign: int = 12,
+                     n_harmful: int = 12, seed: int = 0) -> Path:
+    """A small STEER-SFT set made offline, as a Stage I run directory (``01_synthesize_steer/<run_id>``).
+
+    Stages I and II with the ``rules`` roles (template generator, keyword red user, blue expert and
+    evaluator; `steerkit.synth`) on ``n_benign`` benign and ``n_harmful`` progressive-disclosure seeds,
+    without the red-team module (it needs a target model). For smoke runs and the tutorial; a real run
+    names notebook 01's run directory instead.
+    """
+    from steerkit.roles import Roles
+    from steerkit.synth.synthesize import SynthParams, synthesize
+
+    params = SynthParams(seed=seed, n_benign=n_benign, n_obfuscated=n_harmful, n_redteam=0, bench_share=0.0)
+    roles = dict.fromkeys(("generator", "target", "red_user", "blue_expert", "evaluator"), "rules")
+    run = open_run("01_synthesize_steer", run_id=run_id, root=runs_root, roles=roles,
+                   parameters={**params.manifest(), "roles": roles}, seeds={"seed": seed})
+    synthesize(run, Roles(roles, cache_dir=run.file("cache"), seed=seed), params)
+    return run.path
+
+
+def first_turn_requests(data: str | Path, *, n: int | None = None, max_tokens: int = 64, split: str = RL_FILE):
+    """The student's view of the first user turn of each dialogue in a split (default the RL split,
+    held out from SFT): evaluation system prompt, the turn, its images and their captions."""
+    from steerkit.clients import Request, Sampling
+    from steerkit.converse import student_system_prompt
+
+    path = Path(data) / split if Path(data).is_dir() else Path(data)
+    captions, _ = load_captions(None, path)
+    system = Message(role="system", content=student_system_prompt())
+    out = []
+    for _, d in read_dialogues(path, n):
+        first = next(m for m in d.messages if m.role == "user")
+        out.append(Request([system, first], sampling=Sampling(max_tokens=max_tokens), root=path.parent,
+                           captions={**d.meta.get("captions", {}), **captions}))
+    return out
+
+
+def answers(model: str | Path, requests: list) -> list[str]:
+    """Greedy answers of a checkpoint (or ``"smollm2"``) to ``requests``, in one batched backend."""
+    from steerkit.backends.hf_local import HFLocalBackend
+
+    backend = HFLocalBackend.from_pretrained(model)
+    return [reply.text for reply in backend.generate_sync(requests)]
 
 
 def main(argv: list[str] | None = None) -> Path:

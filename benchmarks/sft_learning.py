@@ -1,0 +1,106 @@
+"""Does Stage II SFT teach? SmolLM2 before and after SFT on synthesized STEER-SFT.
+
+Synthesizes a STEER-SFT set offline (`steerkit.sft.offline_sft_data`: the ``rules`` roles), trains the
+embedded SmolLM2-135M-Instruct with LoRA (`steerkit.sft.run_sft`), and measures on data it never saw:
+
+- held-out loss: the RL split (no user text shared with SFT), eval loss on assistant tokens;
+- refusal share on held-out harmful first turns: StrongREJECT prompts not drawn as synthesis seeds,
+  under the evaluation system prompt, greedy, `steerkit.heuristics.is_refusal` on the answer;
+- over-refusal on held-out benign requests (PyRIT's benign objectives and templated tasks with another
+  seed, none of them a synthesis seed).
+
+Prints before/after and writes the figures as JSON with ``--json``. Takes about 5-10 minutes on a 2-core CPU
+with the defaults (longer on a busy machine).
+
+    python benchmarks/sft_learning.py [--steps 40] [--prompts 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+
+def held_out_prompts(data_dir: Path, n: int) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompt texts that were not synthesis seeds of ``data_dir``."""
+    from steerkit.synth.seeds import load_pyrit_benign, load_strongreject, stable_order, templated_benign
+
+    used = {json.loads(line)["text"] for line in (data_dir / "seeds.jsonl").read_text().splitlines() if line.strip()}
+    harmful = {s.id: s.text for s in load_strongreject() if s.text not in used}
+    benign = {s.id: s.text for s in [*load_pyrit_benign(), *templated_benign(2 * n, seed=101)] if s.text not in used}
+    return ([harmful[i] for i in stable_order(list(harmful), 1)[:n]],
+            [benign[i] for i in stable_order(list(benign), 1)[:n]])
+
+
+def student_requests(texts: list[str], max_tokens: int) -> list:
+    from steerkit.clients import Request, Sampling
+    from steerkit.converse import student_system_prompt
+    from steerkit.schema import Message
+
+    system = Message(role="system", content=student_system_prompt())
+    return [Request([system, Message(role="user", content=t)], sampling=Sampling(max_tokens=max_tokens)) for t in texts]
+
+
+def refusal_share(texts: list[str]) -> float:
+    from steerkit.heuristics import answer_or_text, is_refusal
+
+    return sum(is_refusal(answer_or_text(t)) for t in texts) / max(len(texts), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="LoRA optimizer steps (global batch 4)")
+    ap.add_argument("--prompts", type=int, default=32, help="held-out harmful and benign prompts each")
+    ap.add_argument("--max-tokens", type=int, default=64, help="answer length")
+    ap.add_argument("--n-seeds", type=int, default=48, help="benign and harmful synthesis seeds each")
+    ap.add_argument("--runs-root", type=Path, default=None, help="where the runs go (default: a temp folder)")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from steerkit.sft import SFTRecipe, answers, offline_sft_data, run_sft
+    from steerkit.synth.splits import RL_FILE
+
+    root = args.runs_root or Path(tempfile.mkdtemp(prefix="sft-learning-"))
+    t0 = time.perf_counter()
+    data = offline_sft_data(root, run_id="data", n_benign=args.n_seeds, n_harmful=args.n_seeds)
+    harmful, benign = held_out_prompts(data, args.prompts)
+    requests = student_requests(harmful + benign, args.max_tokens)
+    before = answers("smollm2", requests)
+    recipe = SFTRecipe(student="smollm2", data=str(data), eval_data=str(data / RL_FILE), finetune="lora",
+                       learning_rate=2e-4, lr_scheduler_type="constant", max_steps=args.steps, batch_size=4,
+                       per_device_batch_size=2, max_length=384, logging_steps=5, save_steps=10**6,
+                       runs_root=str(root), run_id="sft")
+    run_dir = run_sft(recipe)
+    after = answers(run_dir / "checkpoint", requests)
+    summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
+    k = len(harmful)
+    figures = {
+        "sft_dialogues": json.loads((run_dir / "manifest.json").read_text())["training"]["data"]["dialogues"],
+        "steps": summary["global_step"],
+        "heldout_loss_before": summary["eval_loss_before"], "heldout_loss_after": summary["eval_loss_after"],
+        "harmful_refusal_before": refusal_share(before[:k]), "harmful_refusal_after": refusal_share(after[:k]),
+        "benign_refusal_before": refusal_share(before[k:]), "benign_refusal_after": refusal_share(after[k:]),
+        "harmful_prompts": k, "benign_prompts": len(benign), "seconds": round(time.perf_counter() - t0, 1),
+        "run_dir": str(run_dir),
+    }
+    print(f"SFT on {figures['sft_dialogues']} synthesized dialogues, {figures['steps']} LoRA steps, "
+          f"{figures['seconds']} s")
+    print(f"{'':34s}{'before':>10s}{'after':>10s}")
+    print(f"{'held-out loss (RL split)':34s}{figures['heldout_loss_before']:10.3f}{figures['heldout_loss_after']:10.3f}")
+    print(f"{f'refusal, harmful (n={k})':34s}{figures['harmful_refusal_before']:10.1%}"
+          f"{figures['harmful_refusal_after']:10.1%}")
+    print(f"{f'refusal, benign (n={len(benign)})':34s}{figures['benign_refusal_before']:10.1%}"
+          f"{figures['benign_refusal_after']:10.1%}")
+    for i in (0, k):
+        print(f"\n{requests[i].messages[-1].content[:100]!r}\n  before: {before[i][:160]!r}\n  after:  {after[i][:160]!r}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
