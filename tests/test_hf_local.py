@@ -57,6 +57,8 @@ def _count_generate_calls(backend: HFLocalBackend, monkeypatch: pytest.MonkeyPat
 
 
 def test_batch_of_image_requests(tiny: HFLocalBackend, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
     sizes = _count_generate_calls(tiny, monkeypatch)
     reqs = [
         _ask("What is this?", "red.png", root=images),
@@ -70,7 +72,8 @@ def test_batch_of_image_requests(tiny: HFLocalBackend, images: Path, monkeypatch
     assert all(r.finish == ("length" if r.completion_tokens == 8 else "stop") for r in replies)
     # prompt tokens are each request's own, unpadded: the image adds its placeholder tokens
     for req, reply in zip(reqs, replies, strict=True):
-        text, imgs = tiny.render(req)
+        text, paths = tiny.render(req)
+        imgs = [Image.open(p) for p in paths]
         alone = tiny.processor(text=[text], images=imgs or None, return_tensors="pt")
         assert reply.prompt_tokens == alone["input_ids"].shape[1]
     assert "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Compare" in (
@@ -126,9 +129,14 @@ def test_image_placeholders_are_never_generated(tiny_vlm_dir: Path) -> None:
 
 
 def test_unreadable_image_fails_only_its_request(tiny: HFLocalBackend, images: Path) -> None:
-    replies = tiny.generate_sync([_ask("gone", "missing.png", root=images), _ask("fine", "red.png", root=images)])
+    replies = tiny.generate_sync([
+        _ask("gone", "missing.png", root=images),
+        _ask("fine", "red.png", root=images),
+        _ask("escapes", "../outside.png", root=images),
+    ])
     assert replies[0].finish == "error" and "missing.png" in replies[0].error
     assert replies[1].ok
+    assert replies[2].finish == "error" and "escapes the data root" in replies[2].error
 
 
 def test_through_the_chat_client(tiny_vlm_dir: Path, images: Path, tmp_path: Path) -> None:
@@ -210,8 +218,8 @@ def test_smollm2_reads_captions_in_place_of_images(smollm2: HFLocalBackend, imag
         root=images,
         captions={"red.png": "a bright red fire truck parked on a street"},
     )
-    text, imgs = smollm2.render(req)
-    assert imgs == []
+    text, paths = smollm2.render(req)
+    assert paths == []
     assert "[Image: a bright red fire truck parked on a street]\n[Image]\nWhat colour" in text
     (reply,) = smollm2.generate_sync([req])
     assert reply.ok and "red" in reply.text.lower()

@@ -166,39 +166,44 @@ class HFLocalBackend:
             groups[req.sampling].append(i)
         with self._lock:
             for sampling, idx in groups.items():
-                prepared: list[tuple[int, str, list[Any]]] = []
+                prepared: list[tuple[int, str, list[Path]]] = []
                 for i in idx:
                     try:
-                        text, images = self.render(requests[i])
-                    except (OSError, ValueError) as exc:  # a missing or unreadable image, a bad template
-                        out[i] = Reply(text="", finish="error", model=self.model, error=f"{type(exc).__name__}: {exc}")
+                        text, paths = self.render(requests[i])
+                    except ValueError as exc:  # an image ref outside the data root, a template error
+                        out[i] = self._error(exc)
                         continue
-                    prepared.append((i, text, images))
-                # similar lengths together: less padding
-                prepared.sort(key=lambda p: len(p[1]))
+                    prepared.append((i, text, paths))
+                prepared.sort(key=lambda p: len(p[1]))  # similar lengths together: less padding
                 for start in range(0, len(prepared), self.max_batch):
-                    chunk = prepared[start : start + self.max_batch]
-                    for i, reply in zip([c[0] for c in chunk], self._generate_chunk(chunk, sampling), strict=True):
-                        out[i] = reply
+                    # images are opened chunk by chunk: a large evaluation never holds them all
+                    chunk = []
+                    for i, text, paths in prepared[start : start + self.max_batch]:
+                        try:
+                            chunk.append((i, text, [_open_rgb(p) for p in paths]))
+                        except OSError as exc:  # a missing or unreadable image fails only its request
+                            out[i] = self._error(exc)
+                    if chunk:
+                        for (i, _, _), reply in zip(chunk, self._generate_chunk(chunk, sampling), strict=True):
+                            out[i] = reply
         return out  # type: ignore[return-value]
+
+    def _error(self, exc: Exception) -> Reply:
+        return Reply(text="", finish="error", model=self.model, error=f"{type(exc).__name__}: {exc}")
 
     # --- rendering -------------------------------------------------------------------------------
 
-    def render(self, request: Request) -> tuple[str, list[Any]]:
-        """The prompt text (chat template, generation prompt added) and the images it refers to."""
-        paths = iter(request.image_paths())
-        images: list[Any] = []
+    def render(self, request: Request) -> tuple[str, list[Path]]:
+        """The prompt text (chat template, generation prompt added) and the image files it shows.
+
+        Vision models get an image placeholder per image, before the message's text; text-only
+        models read ``[Image: caption]`` (``[Image]`` without a caption) and get no image files.
+        """
+        paths = request.image_paths()
         messages: list[dict[str, Any]] = []
         for m in request.messages:
             if self.vision:
-                from PIL import Image
-
-                content: list[dict[str, Any]] = []
-                for _ in m.images:
-                    with Image.open(next(paths)) as im:
-                        images.append(im.convert("RGB"))
-                    content.append({"type": "image"})
-                content.append({"type": "text", "text": m.content})
+                content = [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.content}]
                 messages.append({"role": m.role, "content": content})
             else:
                 notes = [f"[Image: {request.captions[ref]}]" if request.captions.get(ref) else "[Image]"
@@ -206,7 +211,7 @@ class HFLocalBackend:
                 messages.append({"role": m.role, "content": "\n".join([*notes, m.content]) if notes else m.content})
         templater = self.processor if self.vision else self.tokenizer
         text = templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, images
+        return text, (paths if self.vision else [])
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -250,8 +255,7 @@ class HFLocalBackend:
                 net.train(was_training)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory, a prompt longer than the context
             log.exception("%s: generation failed for %d requests", self.model, len(chunk))
-            return [Reply(text="", finish="error", model=self.model, error=f"{type(exc).__name__}: {exc}")
-                    for _ in chunk]
+            return [self._error(exc) for _ in chunk]
         prompt_len = enc["input_ids"].shape[1]
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
         replies = []
@@ -268,6 +272,13 @@ class HFLocalBackend:
                 )
             )
         return replies
+
+
+def _open_rgb(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def _as_list(x: int | list[int]) -> list[int]:
