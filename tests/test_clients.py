@@ -36,6 +36,14 @@ def client_for(
     return ChatClient(backend, role="judge", retry=retry, cache_dir=cache_dir)
 
 
+def settled(server, deadline: float = 5.0) -> dict:
+    """Stats once the server has seen the end of requests the client gave up on (timeouts)."""
+    end = time.monotonic() + deadline
+    while (stats := server.stats())["in_flight"] and time.monotonic() < end:
+        time.sleep(0.02)
+    return stats
+
+
 def png(path: Path, colour: tuple[int, int, int]) -> Path:
     from PIL import Image
 
@@ -178,8 +186,10 @@ def test_a_mix_of_rate_limits_and_500s_all_end_ok(loopback_server):
     replies = client.complete_many_sync([ask(f"item {i}") for i in range(40)])
     assert [r.text for r in replies] == [f"item {i}" for i in range(40)]
     outcomes = server.stats()["outcomes"]
-    assert outcomes["ok"] == 40 and outcomes["http429"] > 0 and outcomes["http500"] > 0
-    assert client.usage.retries == outcomes["http429"] + outcomes["http500"]
+    assert outcomes["http429"] > 0 and outcomes["http500"] > 0
+    # every attempt reached the server once: a retry follows a fault, or an ok that came too late
+    late = outcomes["ok"] - 40
+    assert client.usage.retries == outcomes["http429"] + outcomes["http500"] + late
 
 
 def test_timeouts_are_retried_then_reported(loopback_server):
@@ -216,7 +226,9 @@ def test_each_transient_fault_recovers_on_retry(loopback_server, fault):
     )
     replies = client.complete_many_sync([ask(f"q{i}") for i in range(12)])
     assert all(r.ok for r in replies) and [r.text for r in replies] == [f"q{i}" for i in range(12)]
-    assert server.stats()["outcomes"].get(fault, 0) == client.usage.retries > 0
+    outcomes = settled(server)["outcomes"]
+    late = outcomes["ok"] - 12  # answered after the client's timeout (a stall on a loaded machine)
+    assert outcomes[fault] > 0 and client.usage.retries == outcomes[fault] + late
 
 
 class _Finishing:
