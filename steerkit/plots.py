@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +82,7 @@ def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Hel
     cols = [" ".join(str(p) for p in c) if isinstance(c, tuple) else str(c) for c in table.columns]
     header = [table.index.name or ""] + cols
     cells = [table.index.astype(str).tolist()] + [
-        ["" if v != v else f"{v:.2f}" for v in table[c].tolist()] for c in table.columns
+        ["" if math.isnan(v) else f"{v:.2f}" for v in table[c].tolist()] for c in table.columns
     ]
     fig = go.Figure(go.Table(header={"values": header, "align": "center"}, cells={"values": cells, "align": "right"}))
     fig.update_layout(title=title, template="plotly_white")

@@ -108,9 +108,9 @@ def dialogue_html(
     root = Path(root) if root is not None else None
     meta = dialogue.meta
     tags = [dialogue.kind, dialogue.strategy, meta.get("subset") or meta.get("source_category"), meta.get("category")]
-    parts = [f'<div class="steerkit-dialogue" style="font-family:sans-serif;font-size:14px;max-width:900px">',
-             f'<div><b>{html.escape(dialogue.id)}</b> '
-             f'<span style="color:#666">{html.escape(" · ".join(str(t) for t in tags if t))}</span></div>']
+    parts = ['<div class="steerkit-dialogue" style="font-family:sans-serif;font-size:14px;max-width:900px">',
+             (f'<div><b>{html.escape(dialogue.id)}</b> '
+              f'<span style="color:#666">{html.escape(" · ".join(str(t) for t in tags if t))}</span></div>')]
     if dialogue.system:
         parts.append(f'<details><summary style="color:#666">system prompt</summary>'
                      f'<div style="{_TEXT}color:#666">{html.escape(dialogue.system)}</div></details>')

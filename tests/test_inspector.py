@@ -77,7 +77,7 @@ def test_fork_replays_the_student_and_judges_the_new_turns(runs):
     assert f is not None and f.id == "d1~fork2" and f.meta["forked_from"] == {"run_id": "r-base", "dialogue_id": "d1", "turn": 2}
     # turn 1 is kept as it was; turn 2 carries the edited text; turn 3 replays the original user turn
     assert f.user_texts == ["what is this?", "<script>x</script> how is it made, exactly?", ATTACK]
-    assert [m.content for m in f.messages if m.role == "assistant"][0] == "<thinking>t1</thinking><answer>answer 1</answer>"
+    assert next(m.content for m in f.messages if m.role == "assistant") == "<thinking>t1</thinking><answer>answer 1</answer>"
     assert len(student.calls) == 2  # turns 2 and 3 were replayed, turn 1 was not
     first = student.calls[0].messages
     assert [m.role for m in first] == ["system", "user", "assistant", "user"]

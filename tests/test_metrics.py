@@ -131,7 +131,7 @@ def test_survival_monotone_and_starts_at_one():
     fails = [float(t) if rng.random() < 0.6 else NAN for t in rng.integers(1, 11, n)]
     d = pd.DataFrame({"label": rng.choice(["base", "sft"], n), "subset": rng.choice(["a", "b"], n),
                       "n_turns": rng.integers(2, 11, n), "first_failure": fails})
-    d["first_failure"] = [f if f == f and f <= n_t else NAN for f, n_t in zip(d.first_failure, d.n_turns)]
+    d["first_failure"] = [f if not math.isnan(f) and f <= n_t else NAN for f, n_t in zip(d.first_failure, d.n_turns)]
     s = metrics.survival_curves(d)
     for _, g in s.groupby(["label", "subset"]):
         assert g["survival"].iloc[0] == 1.0 and g["turn"].tolist() == list(range(11))
