@@ -19,8 +19,12 @@ The API key is read from the environment variable named by ``api_key_env`` at ea
 only into the ``Authorization`` header: no attribute, repr, log line or cache record holds it.
 
 On a small machine the client's CPU per call decides throughput (see ``benchmarks/README.md``), so
-the hot path is lean: one `aiohttp.ClientSession` per event loop, bodies serialised once to bytes,
-base64 images memoised by file identity, and no per-call objects beyond the request itself.
+the hot path is lean: one `aiohttp.ClientSession` per event loop, each body serialised straight to
+bytes, session-level headers, base64 images memoised by file identity.
+
+Sampling goes out as ``temperature``, ``max_tokens``, ``top_p`` and ``seed`` (when set), which vLLM,
+SGLang and most hosted chat models accept; OpenAI's reasoning models reject ``max_tokens`` (they
+want ``max_completion_tokens``) and answer 400, reported as ``finish="error"``.
 """
 
 from __future__ import annotations
