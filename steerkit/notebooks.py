@@ -64,12 +64,30 @@ def notebook_path(stage: str, notebooks_dir: str | Path = NOTEBOOKS_DIR) -> Path
     return matches[0]
 
 
-def notebook_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The parameters a notebook declares in its ``parameters`` cell: name -> papermill's description
-    (``default`` as source text, ``inferred_type_name``, ``help`` from the trailing comment)."""
-    import papermill
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """The parameters a notebook declares in its ``parameters`` cell: name -> default value.
 
-    return papermill.inspect_notebook(str(path))
+    Read with `ast` rather than papermill's line parser, which skips any line holding a second ``=``
+    (a comment such as ``# keep when score >= 4``) and would let a typo through unnoticed.
+    """
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return {}
+    out: dict[str, Any] = {}
+    for node in ast.parse(cell.source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Name) and node.value is not None:
+                try:
+                    out[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    out[target.id] = ast.unparse(node.value)
+    return out
 
 
 def check_parameters(path: str | Path, parameters: dict[str, Any]) -> None:
@@ -144,7 +162,7 @@ def execute(
             str(pending),
             parameters=params,
             kernel_name=kernel_name,
-            cwd=str(source.parent),
+            cwd=os.getcwd(),  # relative paths in parameters mean what they mean to the caller
             progress_bar=False,
             log_output=log_output,
         )

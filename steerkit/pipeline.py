@@ -16,6 +16,8 @@ A recipe (``configs/pipeline_<profile>.yaml``) holds values only::
       03_mean: {aggregator: mean}   # parameters for one stage
 
 Precedence: notebook defaults < recipe ``stages[<notebook>]`` < ``stages[<stage>]`` < ``--set``.
+In recipe and ``--set`` strings, ``{repo}`` is the repository and ``{pipeline}`` the pipeline folder,
+so a recipe writes to the same places wherever the command is started.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class Stage:
     """One step of the pipeline: a notebook, the run id it writes, and the run dirs it reads.
 
     ``inputs`` maps a notebook parameter to a value in which ``{<stage key>}`` stands for that
-    stage's run directory (strings, lists and dicts are substituted recursively).
+    stage's run directory (strings, lists and dicts are substituted recursively; recipe values may
+    use ``{repo}`` and ``{pipeline}`` the same way).
     """
 
     key: str
@@ -68,9 +71,11 @@ class Stage:
 
 #: The SaFeR-Steer pipeline: synthesis, SFT warm start, GRPO with TCSR and with the mean aggregator
 #: (the paper's "without TCSR" ablation, SPEC 4), and the evaluation of base, +SFT and both GRPO runs.
+#: The two GRPO runs are separate stages (notebook 03 with ``compare_aggregator=""`` in the recipes),
+#: so a kill during the second does not repeat the first.
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01", "synth"),
-    Stage("02", "02", "sft", inputs={"synth_run": "{01}"}),
+    Stage("02", "02", "sft", inputs={"data_run": "{01}"}),
     Stage("03_tcsr", "03", "grpo-tcsr", inputs={"synth_run": "{01}", "sft_run": "{02}"}),
     Stage("03_mean", "03", "grpo-mean", inputs={"synth_run": "{01}", "sft_run": "{02}"}),
     Stage(
@@ -88,7 +93,7 @@ def substitute(value: Any, run_dirs: dict[str, str]) -> Any:
     """
     match value:
         case str():
-            return re.sub(r"\{([0-9A-Za-z_]+)\}", lambda m: run_dirs[m.group(1)], value)
+            return re.sub(r"\{([0-9A-Za-z_]+)\}", lambda m: run_dirs.get(m.group(1), m.group(0)), value)
         case list():
             return [substitute(v, run_dirs) for v in value]
         case dict():
@@ -266,6 +271,7 @@ class Pipeline:
                     )
                 run_dirs[need] = manifest["stages"][need]["run_dir"]
             inputs = substitute(stage.inputs, run_dirs)
+            values = substitute(params, {"repo": str(REPO_ROOT), "pipeline": str(self.path.resolve())})
             record = manifest["stages"][stage.key] = {
                 "notebook": notebook_path(stage.notebook, self.notebooks_dir).name,
                 "run_id": stage.run_id,
@@ -280,7 +286,7 @@ class Pipeline:
             start = time.monotonic()
             try:
                 done = execute(
-                    stage.notebook, {**params, **inputs}, runs_root=self.path, run_id=stage.run_id,
+                    stage.notebook, {**values, **inputs}, runs_root=self.path, run_id=stage.run_id,
                     notebooks_dir=self.notebooks_dir, log_output=self.log_output, env=env,
                 )
             except Exception as e:

@@ -26,7 +26,7 @@ from steerkit.runs import REPO_ROOT
 #: The run-directory parameters each stand-in reads (as the pipeline's STAGES wire them).
 INPUTS = {
     "01": [],
-    "02": ["synth_run"],
+    "02": ["data_run"],
     "03": ["synth_run", "sft_run"],
     "04": ["synth_run", "model_runs"],
 }
@@ -218,7 +218,7 @@ def test_stage_command_runs_one_notebook_with_inputs_from_set(stand_ins: Path, t
     base = ["--profile", "none", "--notebooks-dir", str(stand_ins), "--runs-root", str(tmp_path / "runs")]
     assert main(["stage", "01", *base, "--run-id", "alone"]) == 0
     synth = tmp_path / "runs" / "alone" / "01_stand_in" / "synth"
-    assert main(["stage", "02", *base, "--run-id", "alone2", "--set", f"synth_run={synth}"]) == 0
+    assert main(["stage", "02", *base, "--run-id", "alone2", "--set", f"data_run={synth}"]) == 0
     sft = json.loads((tmp_path / "runs" / "alone2" / "02_stand_in" / "sft" / "manifest.json").read_text())
     assert sft["summary"]["handed"] == [str(synth)]
-    assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "synth_runn=x"]) == 1  # typo named, not run
+    assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "data_runn=x"]) == 1  # typo named, not run
