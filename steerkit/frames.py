@@ -135,6 +135,8 @@ def evaluations(
 ) -> list[Evaluation]:
     """The evaluations under the given run directories, in order.
 
+    Checkpoint subfolders of one run come in the order they were evaluated (manifest creation time).
+
     Args:
         runs: run directories (or evaluation subfolders); see `as_paths`.
         labels: labels to use instead of the manifests', by run id, or one per evaluation in order.
@@ -152,9 +154,11 @@ def evaluations(
             raise FileNotFoundError(f"{root}: no {DIALOGUES_FILE} here or in its subfolders; name an evaluation run")
         top = _find_manifest(root)
         top_id = str(top[1].get("run_id") or top[0].name) if top else root.name
+        found = {f: _find_manifest(f) for f in folders}
+        # checkpoint subfolders in the order they were evaluated (their manifests' creation time)
+        folders.sort(key=lambda f: (str((found[f] or (f, {}))[1].get("created_at", "")), f.name))
         for folder in folders:
-            found = _find_manifest(folder)
-            manifest = found[1] if found else {}
+            manifest = found[folder][1] if found[folder] else {}
             # a checkpoint subfolder is named within its run: "<run_id>/<subfolder>"
             run_id = top_id if folder == root else f"{top_id}/{folder.relative_to(root).as_posix()}"
             out.append(Evaluation(path=folder, run_id=run_id, label=run_label(manifest, folder), manifest=manifest))

@@ -167,3 +167,13 @@ def make_rules():
     from steerkit.backends.rules import RulesBackend
 
     return RulesBackend()
+
+
+def test_checkpoints_come_in_evaluation_order(tmp_path):
+    open_run("04_steer_bench_analysis", run_id="ordered", root=tmp_path, parameters={})
+    for name in ("zeta-base", "alpha-sft"):  # evaluated in this order, against the alphabet
+        sub = open_run("04_steer_bench_analysis", run_id=f"ordered/{name}", root=tmp_path, parameters={"label": name})
+        write_jsonl([judged("d1", "x", [(3, 3)])], sub.file("dialogues.jsonl"))
+    evs = frames.evaluations(tmp_path / "04_steer_bench_analysis" / "ordered")
+    assert [e.label for e in evs] == ["zeta-base", "alpha-sft"]
+    assert [e.run_id for e in evs] == ["ordered/zeta-base", "ordered/alpha-sft"]
