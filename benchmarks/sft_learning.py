@@ -27,7 +27,12 @@ from pathlib import Path
 
 def held_out_prompts(data_dir: Path, n: int) -> tuple[list[str], list[str]]:
     """(harmful, benign) prompt texts that were not synthesis seeds of ``data_dir``."""
-    from steerkit.synth.seeds import load_pyrit_benign, load_strongreject, stable_order, templated_benign
+    from steerkit.synth.seeds import (
+        load_pyrit_benign,
+        load_strongreject,
+        stable_order,
+        templated_benign,
+    )
 
     used = {json.loads(line)["text"] for line in (data_dir / "seeds.jsonl").read_text().splitlines() if line.strip()}
     harmful = {s.id: s.text for s in load_strongreject() if s.text not in used}

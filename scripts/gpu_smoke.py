@@ -26,16 +26,17 @@ import time
 from pathlib import Path
 
 #: Qwen2.5-VL-3B-Instruct's config.json (text and vision shapes), written out here.
-QWEN25_VL_3B_TEXT = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-    num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-)
-QWEN25_VL_3B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-    hidden_act="silu", in_chans=3,
-)
+QWEN25_VL_3B_TEXT = {
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+}
+QWEN25_VL_3B_VISION = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu", "in_chans": 3,
+}
 #: Image bounds for the smoke data: a 448x448 photo is 256 visual tokens after the 2x2 merge.
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 448 * 448
 
@@ -186,8 +187,8 @@ def measure_generate(model: Path, engine: str, batch: int, prompt_len: int, new_
 
         net, _ = load_student(model, backend="hf")
         ids = torch.tensor(prompts, device=net.device)
-        kw = dict(do_sample=True, temperature=1.0, top_k=0,
-                  suppress_tokens=vision_pad_token_ids(net.config), pad_token_id=net.generation_config.pad_token_id)
+        kw = {"do_sample": True, "temperature": 1.0, "top_k": 0, "suppress_tokens": vision_pad_token_ids(net.config),
+              "pad_token_id": net.generation_config.pad_token_id}
         with torch.no_grad():
             net.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=8, **kw)  # warm-up
             _sync()

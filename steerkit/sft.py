@@ -21,16 +21,17 @@ data counts, backend, tracker), ``train_log.jsonl`` (loss, learning rate, tokens
 merged, loadable by ``steerkit.models.load_student`` and ``HFLocalBackend``). Running the same recipe
 and ``run_id`` again resumes from the last trainer checkpoint.
 
-Command line (also under ``accelerate launch --num_processes 2 --cpu``)::
+Command line, one process or DDP (on a CPU-only machine DDP runs over gloo; ``accelerate launch --cpu
+--num_processes 2`` would start a single process unless MPI is set up, so use torchrun's launcher)::
 
-    python -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=papermill_runs/01_synthesize/<id>
+    python -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=papermill_runs/01_synthesize_steer/<id>
+    accelerate launch --multi_gpu --num_processes 2 -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=...
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerkit.runs import DEFAULT_RUNS_ROOT, Run, ResultLog, new_run_id, open_run
+from steerkit.runs import DEFAULT_RUNS_ROOT, ResultLog, Run, new_run_id, open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
 from steerkit.synth.splits import CAPTIONS_FILE, RL_FILE, SFT_FILE
 
@@ -560,10 +561,13 @@ def first_turn_requests(data: str | Path, *, n: int | None = None, max_tokens: i
 
 
 def answers(model: str | Path, requests: list) -> list[str]:
-    """Greedy answers of a checkpoint (or ``"smollm2"``) to ``requests``, in one batched backend."""
+    """Greedy answers of a checkpoint (or ``"smollm2"``) to ``requests``, in one batched backend (on CPU
+    from a bf16 copy of the weights: 1.5-2x faster, same text, STACK)."""
+    import torch
+
     from steerkit.backends.hf_local import HFLocalBackend
 
-    backend = HFLocalBackend.from_pretrained(model)
+    backend = HFLocalBackend.from_pretrained(model, generation_dtype=None if torch.cuda.is_available() else "bfloat16")
     return [reply.text for reply in backend.generate_sync(requests)]
 
 

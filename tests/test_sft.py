@@ -54,9 +54,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_recipe(tiny_vlm_dir: Path, data_dir: Path, root: Path, **kw) -> SFTRecipe:
-    base = dict(student=str(tiny_vlm_dir), data=str(data_dir), finetune="full", max_steps=4, batch_size=2,
-                per_device_batch_size=2, learning_rate=1e-3, max_length=None, logging_steps=1, save_steps=2,
-                runs_root=str(root))
+    base = {"student": str(tiny_vlm_dir), "data": str(data_dir), "finetune": "full", "max_steps": 4,
+            "batch_size": 2, "per_device_batch_size": 2, "learning_rate": 1e-3, "max_length": None,
+            "logging_steps": 1, "save_steps": 2, "runs_root": str(root)}
     return SFTRecipe(**{**base, **kw})
 
 
@@ -124,6 +124,19 @@ def test_a_dialogue_ending_on_a_user_turn_is_refused(tmp_path: Path) -> None:
     write_jsonl([d], path)
     with pytest.raises(RecordError, match=r"d.jsonl:1: field messages: the last message must be the assistant's"):
         read_dialogues(path)
+
+
+def test_offline_sft_data_and_held_out_first_turns(tmp_path: Path) -> None:
+    from steerkit.converse import student_system_prompt
+    from steerkit.sft import first_turn_requests, offline_sft_data
+
+    data = offline_sft_data(tmp_path, run_id="data", n_benign=4, n_harmful=4)
+    assert read_dialogues(data / "steer_sft.jsonl")
+    requests = first_turn_requests(data, n=3, max_tokens=16)
+    assert requests and all(r.messages[0].content == student_system_prompt() for r in requests)
+    assert all([m.role for m in r.messages] == ["system", "user"] for r in requests)
+    assert all(set(m.images) <= set(r.captions) for r in requests for m in r.messages)
+    assert requests[0].sampling.max_tokens == 16
 
 
 # ---- recipes ---------------------------------------------------------------------------------------
@@ -280,7 +293,7 @@ def test_two_process_ddp_launch_from_the_command_line(tiny_vlm_dir: Path, data_d
            "--set", f"student={tiny_vlm_dir}", "--set", f"data={data_dir}", "--set", "finetune=full",
            "--set", "max_length=null", "--set", f"runs_root={tmp_path}", "--set", "run_id=ddp", "--set", "max_steps=2"]
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / STAGE / "ddp" / "manifest.json").read_text())
     assert manifest["training"]["processes"] == 2
@@ -294,8 +307,14 @@ def test_two_process_ddp_launch_from_the_command_line(tiny_vlm_dir: Path, data_d
 SMOKE = REPO_ROOT / "scripts" / "gpu_smoke.py"
 
 
+def smoke(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """Run scripts/gpu_smoke.py with steerkit from this checkout."""
+    return subprocess.run([sys.executable, str(SMOKE), *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
 def test_gpu_smoke_script_parses_and_reports_ratios(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(SMOKE), "--help"], capture_output=True, text=True, timeout=60)
+    proc = smoke("--help")
     assert proc.returncode == 0 and "dry-run" in proc.stdout
     for name, row in {
         "sft_hf": {"kind": "sft", "step_s": 2.0, "peak_gib": 40.0, "per_device_batch": 4},
@@ -303,8 +322,7 @@ def test_gpu_smoke_script_parses_and_reports_ratios(tmp_path: Path) -> None:
         "generate_hf": {"kind": "generate", "tokens_per_s": 1000.0, "batch": 64, "new_tokens": 256},
     }.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(row))
-    proc = subprocess.run([sys.executable, str(SMOKE), "report", str(tmp_path)], capture_output=True, text=True,
-                          timeout=60)
+    proc = smoke("report", str(tmp_path))
     assert "Unsloth vs HF SFT: 2.00x faster steps, 0.50x the peak memory" in proc.stdout
     assert "vLLM vs HF generate: not measured (no vLLM result)" in proc.stdout
 
@@ -312,8 +330,7 @@ def test_gpu_smoke_script_parses_and_reports_ratios(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gpu_smoke_dry_run_on_cpu(tmp_path: Path) -> None:
     """The script's HF steps on the tiny model on CPU: what a GPU box will run, minus the GPU."""
-    proc = subprocess.run([sys.executable, str(SMOKE), "dry-run", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    proc = smoke("dry-run", "--out", str(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = json.loads((tmp_path / "sft_hf.json").read_text())
     gen = json.loads((tmp_path / "generate_hf.json").read_text())
@@ -342,9 +359,7 @@ def test_unsloth_sft_step_on_gpu(tiny_vlm_dir: Path, tmp_path: Path) -> None:
     if importlib.util.find_spec("unsloth") is None:
         pytest.skip("Unsloth is not installed here (environment-unsloth.yml)")
     out = tmp_path / "sft_unsloth.json"
-    proc = subprocess.run([sys.executable, str(SMOKE), "sft", "--model", str(tiny_vlm_dir), "--backend", "unsloth",
-                           "--steps", "1", "--per-device-batch", "2", "--image-side", "56", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    proc = smoke("sft", "--model", str(tiny_vlm_dir), "--backend", "unsloth", "--steps", "1", "--per-device-batch", "2",
+                 "--image-side", "56", "--json", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["step_s"] > 0
