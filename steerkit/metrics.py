@@ -264,18 +264,21 @@ def with_subset_average(rates: pd.DataFrame, *, subset: str = "subset", by: Sequ
 
 
 def survival_curves(
-    dialogues: pd.DataFrame, *, by: Sequence[str] = GROUPS, horizon: int = HORIZON, level: float = CI_LEVEL
+    dialogues: pd.DataFrame, *, by: Sequence[str] = GROUPS, horizon: int = HORIZON, level: float = CI_LEVEL,
+    extend: bool = False,
 ) -> pd.DataFrame:
-    """Kaplan-Meier survival of dialogues per group, turn 0..horizon, with confidence bands.
+    """Kaplan-Meier survival of dialogues per group, from turn 0, with confidence bands.
 
     Failure is the first turn with harmlessness below `FAIL_BELOW` (``first_failure`` of a
     `dialogue_summary` frame); a dialogue that never fails is censored at its length. Uses lifelines'
-    ``KaplanMeierFitter`` (exponential Greenwood bands). Columns: the ``by`` columns present, ``turn``,
-    ``survival``, ``lower``, ``upper``, ``at_risk``, ``failures``, ``censored``, ``n``.
+    ``KaplanMeierFitter`` (exponential Greenwood bands). A group's curve stops at its longest
+    follow-up (nothing is observed beyond it) unless ``extend`` carries it flat to ``horizon``.
+    Columns: the ``by`` columns present, ``turn``, ``survival``, ``lower``, ``upper``, ``at_risk``,
+    ``failures``, ``censored``, ``n``.
 
     >>> import pandas as pd
     >>> d = pd.DataFrame({"n_turns": [3, 3, 3, 5, 5], "first_failure": [1, None, 3, 3, None]})
-    >>> s = survival_curves(d, horizon=5)
+    >>> s = survival_curves(d, horizon=5, extend=True)
     >>> list(s.survival)   # S(1) = 1 - 1/5; at turn 3, 4 at risk (one censored there) and 2 fail
     [1.0, 0.8, 0.8, 0.4, 0.4, 0.4]
     """
@@ -303,6 +306,8 @@ def survival_curves(
             "censored": [int(((d == t) & ~e).sum()) for t in timeline],
             "n": len(d),
         })
+        if not extend:
+            frame = frame[frame["turn"] <= max(int(d.max()), 1)]
         for c, v in zip(by, key, strict=True):
             frame[c] = v
         frames.append(frame[[*by, *[c for c in frame.columns if c not in by]]])

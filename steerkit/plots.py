@@ -43,6 +43,19 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def _steps(x: list[float], y: list[float]) -> tuple[list[float], list[float]]:
+    """A right-continuous step function as explicit corner points (so a filled band steps like the curve).
+
+    >>> _steps([0, 1, 2], [1.0, 0.5, 0.25])
+    ([0, 1, 1, 2, 2], [1.0, 1.0, 0.5, 0.5, 0.25])
+    """
+    xs, ys = [x[0]], [y[0]]
+    for i in range(1, len(x)):
+        xs += [x[i], x[i]]
+        ys += [y[i - 1], y[i]]
+    return xs, ys
+
+
 def survival_figure(
     curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival"
 ) -> go.Figure:
@@ -60,9 +73,11 @@ def survival_figure(
         for lab, g in part.groupby(color, sort=False):
             c = colors[lab]
             x = g["turn"].tolist()
-            fig.add_trace(go.Scatter(x=x + x[::-1], y=g["upper"].tolist() + g["lower"].tolist()[::-1],
-                                     fill="toself", fillcolor=_rgba(c, 0.15), line={"width": 0, "shape": "hv"},
-                                     hoverinfo="skip", showlegend=False, legendgroup=str(lab)), row=1, col=col)
+            ux, uy = _steps(x, g["upper"].tolist())
+            lx, ly = _steps(x, g["lower"].tolist())
+            fig.add_trace(go.Scatter(x=ux + lx[::-1], y=uy + ly[::-1], fill="toself", fillcolor=_rgba(c, 0.15),
+                                     line={"width": 0}, hoverinfo="skip", showlegend=False,
+                                     legendgroup=str(lab)), row=1, col=col)
             fig.add_trace(go.Scatter(x=x, y=g["survival"], mode="lines", line={"color": c, "shape": "hv"},
                                      name=str(lab), legendgroup=str(lab), showlegend=col == 1,
                                      customdata=g[["at_risk", "failures"]].to_numpy(),
@@ -79,12 +94,14 @@ def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Hel
     """A Table-2/3 layout (`steerkit.frames.bench_table`) drawn as a figure table."""
     import plotly.graph_objects as go
 
-    cols = [" ".join(str(p) for p in c) if isinstance(c, tuple) else str(c) for c in table.columns]
+    cols = ["<br>".join(str(p) for p in c) if isinstance(c, tuple) else str(c) for c in table.columns]
     header = [table.index.name or ""] + cols
     cells = [table.index.astype(str).tolist()] + [
         ["" if math.isnan(v) else f"{v:.2f}" for v in table[c].tolist()] for c in table.columns
     ]
-    fig = go.Figure(go.Table(header={"values": header, "align": "center"}, cells={"values": cells, "align": "right"}))
+    fig = go.Figure(go.Table(header={"values": header, "align": "center", "font": {"size": 11}},
+                             cells={"values": cells, "align": "right", "font": {"size": 11}},
+                             columnwidth=[1.5] + [1] * len(cols)))
     fig.update_layout(title=title, template="plotly_white")
     return fig
 

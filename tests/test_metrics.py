@@ -133,10 +133,14 @@ def test_survival_monotone_and_starts_at_one():
                       "n_turns": rng.integers(2, 11, n), "first_failure": fails})
     d["first_failure"] = [f if not math.isnan(f) and f <= n_t else NAN for f, n_t in zip(d.first_failure, d.n_turns)]
     s = metrics.survival_curves(d)
-    for _, g in s.groupby(["label", "subset"]):
-        assert g["survival"].iloc[0] == 1.0 and g["turn"].tolist() == list(range(11))
+    for key, g in s.groupby(["label", "subset"]):
+        group = d[(d.label == key[0]) & (d.subset == key[1])]
+        follow_up = int(np.where(group.first_failure.notna(), group.first_failure, group.n_turns).max())
+        assert g["survival"].iloc[0] == 1.0 and g["turn"].tolist() == list(range(follow_up + 1))
         assert (np.diff(g["survival"]) <= 1e-12).all()
         assert g["lower"].between(0, 1).all() and g["upper"].between(0, 1).all()
+    extended = metrics.survival_curves(d, extend=True)
+    assert (extended.groupby(["label", "subset"]).turn.max() == metrics.HORIZON).all()
 
 
 def test_failure_turn_distribution():
