@@ -240,6 +240,10 @@ class Inspector:
         opts = self.choices()
         self._syncing = True
         try:
+            for box, name in ((self.run_box, "run"), (self.subset_box, "subset"), (self.outcome_box, "outcome")):
+                values = [o[1] if isinstance(o, tuple) else o for o in box.options]
+                if self.filters[name] in values:  # a filter set in code shows in its dropdown
+                    box.value = self.filters[name]
             self.dialogue_box.options = opts
             self.dialogue_box.value = opts[0][1] if opts else None
         finally:

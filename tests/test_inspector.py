@@ -45,6 +45,7 @@ def test_filters_and_stepping(runs):
     assert "fails at turn 2" in ins.dialogue_box.options[0][0]
     ins.set_filter(outcome="survived", run="r-sft", subset="STEER-SPA")
     assert ins.key == ("r-sft", "d2")
+    assert (ins.run_box.value, ins.subset_box.value, ins.outcome_box.value) == ("r-sft", "STEER-SPA", "survived")
     ins.set_filter(run="(all)", subset="STEER-VLS", outcome="all")
     ins.select(("r-sft", "d1"))
     assert 'data-turn="1"' in ins.view.value and 'data-turn="2"' not in ins.view.value
