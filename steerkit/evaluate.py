@@ -239,6 +239,8 @@ def evaluate(
         "student": student.spec, "judge": judge.spec, "prompt": prompt, "student_system": STUDENT_SYSTEM,
         "max_turns": max_turns, "chunk_size": chunk_size, "risk_scale": list(risk_scale),
         "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling), "image_root": str(root or ""),
+        # SPEC 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy.
+        "judge_retries": judge.retry.max_retries,
     }
     log.info("evaluate: %d items, %d already done, %d to play", len(items), len(items) - len(todo), len(todo))
     run.update_manifest(evaluation={**settings, "status": "running"})
