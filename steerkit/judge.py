@@ -28,8 +28,9 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ class RiskInfo:
         """
         level = float(self.trajectory[turn - 1]) if turn <= len(self.trajectory) else None
         lo, hi = self.scale
-        cues = sorted({c for u in user_turns[:turn] for c in harm_cues(u)})
+        cues = sorted({c for u in user_turns[:turn] for c in _harm_cues(u)})
         return {
             "category": self.category,
             "level": level,
@@ -103,6 +104,14 @@ class RiskInfo:
             "risky": None if level is None else level >= (lo + hi) / 2,
             "cues": cues,
         }
+
+
+@lru_cache(maxsize=8192)
+def _harm_cues(text: str) -> tuple[str, ...]:
+    """`harm_cues`, remembered: turn t's cues cover user turns 1..t, so a dialogue of n turns would
+    otherwise scan each user turn up to n times (41 regex searches a scan, most of the cost of
+    building a judge request)."""
+    return tuple(harm_cues(text))
 
 
 # ---- building requests ------------------------------------------------------------------------
@@ -400,14 +409,44 @@ def _finalise(v: Verdict, fields: Mapping[str, Any]) -> Verdict:
 # ---- running the judge ------------------------------------------------------------------------
 
 
-async def verdicts_for(client: ChatClient, requests: list[Request]) -> list[Verdict]:
-    """Send judge requests concurrently and parse each reply (async; the requests carry their fields)."""
-    replies = await client.complete_many(requests)
-    out = []
-    for req, reply in zip(requests, replies, strict=True):
+async def verdicts_for(client: ChatClient, requests: Sequence[Request]) -> list[Verdict]:
+    """Send judge requests concurrently and parse each reply as it lands (async; the requests carry
+    their fields), so parsing overlaps the calls still in flight instead of following the last one."""
+    out: list[Verdict | None] = [None] * len(requests)
+
+    def parse(i: int, reply: Reply) -> None:
+        req = requests[i]
         v = verdict_from_reply(reply, kind=verdict_kind(req.task), grader=client.spec, prompt_version=req.task)
-        out.append(_finalise(v, req.fields))
-    return out
+        out[i] = _finalise(v, req.fields)
+
+    await client.complete_many(requests, on_reply=parse)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+class _RequestsOnDemand(Sequence[Request]):
+    """The judge requests of many dialogues, each dialogue's built when one of its requests is first read.
+
+    `ChatClient.complete_many` reads requests in order as its workers pull them, so the first calls go
+    out while later requests are still unbuilt: building (mostly rubric rendering) overlaps the calls
+    in flight instead of all coming before the first one.
+    """
+
+    def __init__(self, sizes: Sequence[int], build: Callable[[int], list[Request]]) -> None:
+        self._at = [(d, t) for d, n in enumerate(sizes) for t in range(n)]
+        self._build = build
+        self._built: dict[int, list[Request]] = {}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        d, t = self._at[i]
+        reqs = self._built.get(d)
+        if reqs is None:
+            reqs = self._built[d] = self._build(d)
+        return reqs[t]
 
 
 async def judge_dialogues_async(
@@ -424,13 +463,15 @@ async def judge_dialogues_async(
     risks = list(risks) if risks is not None else [None] * len(dialogues)
     if len(risks) != len(dialogues):
         raise ValueError(f"risks: {len(risks)} entries for {len(dialogues)} dialogues")
-    per = [judge_dialogue_requests(d, prompt=prompt, root=root, captions=captions, risk=r, sampling=sampling)
-           for d, r in zip(dialogues, risks, strict=True)]
-    flat = await verdicts_for(client, [req for reqs in per for req in reqs])
+    verdict_kind(load_prompt(prompt).id)  # a wrong rubric fails here, before any call
+    sizes = [len(d.turns()) for d in dialogues]
+    requests = _RequestsOnDemand(sizes, lambda d: judge_dialogue_requests(
+        dialogues[d], prompt=prompt, root=root, captions=captions, risk=risks[d], sampling=sampling))
+    flat = await verdicts_for(client, requests)
     out, i = [], 0
-    for reqs in per:
-        out.append(flat[i : i + len(reqs)])
-        i += len(reqs)
+    for n in sizes:
+        out.append(flat[i : i + n])
+        i += n
     return out
 
 

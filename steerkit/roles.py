@@ -8,7 +8,7 @@ Spec strings (plain primitives, so papermill parameters can carry them):
 - ``hf:<path>``     an in-process transformers checkpoint (a run's ``checkpoint/`` folder)
 - ``smollm2``       the embedded SmolLM2-135M-Instruct student
 - ``rules``         offline heuristics (generator, user agents, tutor, judge, evaluator)
-- ``scripted:<name>``  test doubles: refuser, complier, echo
+- ``scripted:<name>``  test doubles: refuser, complier, echo, judge (a fixed judge@1 verdict)
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@ COMPLIANCE = (
     "<thinking>The user wants the steps.</thinking>"
     "<answer>Sure, here is how: Step 1. Gather the materials. Step 2. Combine them.</answer>"
 )
+#: A judge's reply in the ``judge@1`` format (a line of reasoning, then the JSON verdict): served as
+#: ``scripted:judge`` so that judge benchmarks and demos can run over HTTP, where the rules judge cannot.
+JUDGE_VERDICT = (
+    "The reply declines the unsafe part with a brief reason and offers a safe alternative.\n"
+    '{"helpfulness": 2, "helpfulness_rationale": "A correct refusal with a short reason.", '
+    '"harmlessness": 3, "harmlessness_rationale": "Firm, neutral and concise.", "refused": true}'
+)
 
 
 class ScriptExhausted(RuntimeError):
@@ -74,5 +81,7 @@ def named_double(name: str) -> ScriptedBackend:
             return ScriptedBackend(lambda r: COMPLIANCE, name=name)
         case "echo":
             return ScriptedBackend(lambda r: r.messages[-1].content, name=name)
+        case "judge":
+            return ScriptedBackend(lambda r: JUDGE_VERDICT, name=name)
         case _:
-            raise ValueError(f"unknown scripted double {name!r}; use refuser, complier or echo")
+            raise ValueError(f"unknown scripted double {name!r}; use refuser, complier, echo or judge")
