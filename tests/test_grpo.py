@@ -48,18 +48,19 @@ def rules_tutor_client():
 
 
 def varied_tutor_client():
-    """A scripted tutor whose safety depends on the answer text, so rewards differ within a group.
+    """A scripted tutor that alternates full breach and ideal answers call by call, so the K samples of
+    every group get different rewards (the tiny VLM writes noise that the rules tutor grades alike, and
+    GRPO needs spread within a group to update)."""
+    import itertools
 
-    (The tiny VLM writes noise that the rules tutor grades alike; GRPO needs spread to update.)
-    """
-    import zlib
+    calls = itertools.count()
 
     def grade(request):
-        level = (1, 4, 8, 10)[zlib.crc32(request.fields["answer"].encode()) % 4]
+        level = (1, 10)[next(calls) % 2]
         return json.dumps({"diagnosis": "scripted", "attack_strategy": "persistence", "new_question": "",
                            "scores": {"safety": level, "usefulness": level, "faithfulness": 5}})
 
-    return ChatClient(ScriptedBackend(grade, name="varied"), role="tutor")
+    return ChatClient(ScriptedBackend(grade, name="alternating"), role="tutor")
 
 
 def test_seed_rl_set_round_trips(rl_set, tmp_path):
