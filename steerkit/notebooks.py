@@ -44,6 +44,9 @@ class Execution:
     run_dir: Path
     executed_notebook: Path
     seconds: float
+    #: CPU time of the kernel (user + system, all its threads): on a shared machine this, unlike the
+    #: wall time, does not grow with other people's load.
+    kernel_cpu_seconds: float
 
 
 def notebook_path(stage: str, notebooks_dir: str | Path = NOTEBOOKS_DIR) -> Path:
@@ -154,6 +157,7 @@ def execute(
     pending.parent.mkdir(parents=True, exist_ok=True)
     log.info("executing %s -> %s", source.name, pending)
     start = time.monotonic()
+    cpu_before = _children_cpu_seconds()
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
@@ -178,6 +182,7 @@ def execute(
             else:
                 os.environ[k] = v
     seconds = time.monotonic() - start
+    kernel_cpu = _children_cpu_seconds() - cpu_before
     run_dir = find_run_dir(runs_root, run_id)
     if run_dir is None:
         raise StageError(
@@ -189,5 +194,13 @@ def execute(
         os.replace(pending, executed)
         if not any(pending.parent.iterdir()):
             pending.parent.rmdir()
-    log.info("%s finished in %.1f s: %s", source.name, seconds, run_dir)
-    return Execution(run_dir=run_dir, executed_notebook=executed, seconds=seconds)
+    log.info("%s finished in %.1f s (kernel CPU %.1f s): %s", source.name, seconds, kernel_cpu, run_dir)
+    return Execution(run_dir=run_dir, executed_notebook=executed, seconds=seconds, kernel_cpu_seconds=kernel_cpu)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children (the kernel, once papermill has reaped it)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -296,7 +296,7 @@ class Pipeline:
                 raise
             record.update(
                 run_dir=str(done.run_dir), executed_notebook=str(done.executed_notebook),
-                seconds=round(done.seconds, 1), finished_at=_dt.datetime.now(_dt.UTC).isoformat(),
+                seconds=round(done.seconds, 1), kernel_cpu_seconds=round(done.kernel_cpu_seconds, 1), finished_at=_dt.datetime.now(_dt.UTC).isoformat(),
             )
             if not self.stage_finished(record):
                 record["status"] = "failed"
@@ -331,13 +331,16 @@ def new_pipeline_id(profile: str | None) -> str:
 
 
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
-    """One line per stage: key, status, wall time and run directory."""
-    lines = []
-    for key, rec in manifest.get("stages", {}).items():
-        seconds = rec.get("seconds")
-        lines.append(
-            f"{key:8} {rec.get('status', '?'):9} {'' if seconds is None else f'{seconds:8.1f} s'}  {rec.get('run_dir', '')}"
-        )
-    total = sum(r.get("seconds") or 0 for r in manifest.get("stages", {}).values())
-    lines.append(f"{'total':8} {manifest.get('status', '?'):9} {total:8.1f} s")
+    """One line per stage: key, status, wall time, kernel CPU time and run directory."""
+    stages = manifest.get("stages", {})
+    lines = [f"{'stage':8} {'status':9} {'wall s':>8} {'cpu s':>8}  run directory"]
+    for key, rec in stages.items():
+        wall, cpu = rec.get("seconds"), rec.get("kernel_cpu_seconds")
+        lines.append(f"{key:8} {rec.get('status', '?'):9} {_num(wall)} {_num(cpu)}  {rec.get('run_dir', '')}")
+    total = [sum(r.get(k) or 0 for r in stages.values()) for k in ("seconds", "kernel_cpu_seconds")]
+    lines.append(f"{'total':8} {manifest.get('status', '?'):9} {_num(total[0])} {_num(total[1])}")
     return lines
+
+
+def _num(value: float | None) -> str:
+    return f"{'':>8}" if value is None else f"{value:8.1f}"

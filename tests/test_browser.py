@@ -206,3 +206,61 @@ def test_ipywidgets_render_and_round_trip(tmp_path: Path, lab_over, browser_page
     page.select_option(".widget-dropdown select", "second")
     page.wait_for_selector(".probe:has-text('showing second')", timeout=15_000)
     page.screenshot(path=str(tmp_path / "widget_probe.png"))
+
+
+#: Notebook 04's values in the browser test: its runs in tmp_path, and a bench just big enough for
+#: the inspector to list several dialogues of two turns (the test is about the page, not the scores).
+ANALYSIS_VALUES = {"n_benign": 2, "n_obfuscated": 4, "n_redteam": 0, "max_turns": 2, "max_tokens": 16,
+                   "n_resamples": 50, "save_png": False}
+
+
+def analysis_notebook(folder: Path, runs_root: Path) -> Path:
+    """A copy of notebook 04 with values added after its parameters cell (as papermill injects them),
+    so the repository's papermill_runs/ stays untouched."""
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "04_steer_bench_analysis.ipynb", as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    values = {**ANALYSIS_VALUES, "runs_root": str(runs_root)}
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+        "# injected by the browser test\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items()),
+        metadata={"tags": ["injected-parameters"]}))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "04_steer_bench_analysis.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_inspector_renders_and_steps_in_jupyterlab(tmp_path: Path, lab_over, browser_page) -> None:
+    """Notebook 04 runs in JupyterLab; in its inspector a second dialogue is selected and stepped to
+    its next turn, and the dialogue HTML follows."""
+    root = tmp_path / "root"
+    analysis_notebook(root / "notebooks", tmp_path / "runs")
+    lab = lab_over(root)
+    page = browser_page
+    open_and_run_all(page, lab, "notebooks/04_steer_bench_analysis.ipynb", timeout_s=900)
+    dialogue_list = page.locator(".widget-select select").last
+    dialogue_list.wait_for(timeout=60_000)
+    assert_widgets_rendered(page)
+    view = page.locator(".widget-html-content:has(.steerkit-dialogue)").last
+    assert view.is_visible() and "turn 1 of" in view.inner_text()
+
+    options = dialogue_list.locator("option")
+    assert options.count() >= 2, "the inspector lists fewer than two dialogues"
+    second = options.nth(1).inner_text()
+    dialogue_list.select_option(index=1)
+    page.wait_for_function(
+        "([el, text]) => el.selectedOptions.length && el.selectedOptions[0].textContent === text",
+        arg=[dialogue_list.element_handle(), second], timeout=15_000,
+    )
+    page.get_by_role("button", name="turn ▶").last.click()
+    page.locator(".steerkit-dialogue .turn[data-turn='2']").last.wait_for(timeout=15_000)
+    text = view.inner_text()
+    assert "turn 2 of" in text, text[:500]
+    assert second.split(" · ")[1] in text or second.split(" · ")[1] in page.inner_text("body")
+    assert_widgets_rendered(page)
+    shot = tmp_path / "inspector_screenshot.png"
+    view.scroll_into_view_if_needed()
+    page.screenshot(path=str(shot), full_page=False)
+    figures = REPO_ROOT / "figures"  # for the record; figures/ is git-ignored
+    if figures.is_dir():
+        shutil.copyfile(shot, figures / "inspector_screenshot.png")

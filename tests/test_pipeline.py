@@ -128,6 +128,7 @@ def test_pipeline_wires_run_dirs_and_skips_finished_stages(stand_ins: Path, tmp_
     assert eval_manifest["summary"]["handed"] == [str(run[k]) for k in ("02", "03_tcsr", "03_mean", "01")]
     assert json.loads((run["03_mean"] / "manifest.json").read_text())["parameters"]["aggregator"] == "mean"
     assert all(Path(v["executed_notebook"]).exists() for v in stages.values())
+    assert all(v["kernel_cpu_seconds"] > 0 for v in stages.values())  # the kernel's CPU time is counted
     assert (tmp_path / "runs" / "p1" / "pipeline.json").exists()
     # Started again: nothing reruns.
     again = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p1", runs_root=tmp_path / "runs", notebooks_dir=stand_ins).run()
