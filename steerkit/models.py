@@ -246,7 +246,11 @@ def build_tiny_vlm(path: str | os.PathLike[str], *, seed: int = 0, vocab_size: i
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = Path(path)
@@ -505,12 +509,19 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype is None:
         cuda_bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (use e.g. 'float32' or 'bfloat16')")
+    return torch_dtype(dtype)
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``"bfloat16"``, ``"torch.float32"``) or itself."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if isinstance(resolved, torch.dtype):
         return resolved
-    return dtype
+    raise ValueError(f"dtype={dtype!r} is not a torch dtype (use e.g. 'float32' or 'bfloat16')")
 
 
 def _load_hf(path: str | os.PathLike[str], *, dtype: Any, device: Any) -> tuple[Any, Any]:
@@ -563,11 +574,14 @@ def bf16_copy(model: PreTrainedModel) -> PreTrainedModel:
 
     The copy does not follow later training of ``model``: refresh it with `copy_weights`.
     """
+    return generation_copy(model, "bfloat16")
+
+
+def generation_copy(model: PreTrainedModel, dtype: str | torch.dtype) -> PreTrainedModel:
+    """A copy of ``model`` in ``dtype``, in eval mode, for generation beside training."""
     import copy
 
-    import torch
-
-    clone = copy.deepcopy(model).to(torch.bfloat16)
+    clone = copy.deepcopy(model).to(torch_dtype(dtype))
     clone.eval()
     return clone
 

@@ -218,7 +218,10 @@ def test_smollm2_is_a_plain_checkpoint_with_a_training_template(smollm2_dir: Pat
     masked = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     # the loss covers exactly the assistant turns including their end token
     assert tok.decode(masked) == "Mix flour, water, yeast.<|im_end|>Knead\nand bake.<|im_end|>"
-    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        is_chat_template_stop_token_trained,
+    )
 
     assert get_training_chat_template(tok) is None  # TRL takes it as it is for assistant_only_loss
     assert is_chat_template_stop_token_trained(tok)

@@ -111,18 +111,11 @@ class HFLocalBackend:
     # --- weights ---------------------------------------------------------------------------------
 
     def _make_generation_copy(self, dtype: str) -> Any:
-        import copy
+        from steerkit.models import generation_copy, torch_dtype
 
-        import torch
-
-        target = getattr(torch, dtype, None)
-        if not isinstance(target, torch.dtype):
-            raise ValueError(f"generation_dtype={dtype!r} is not a torch dtype (use e.g. 'bfloat16')")
-        if self.net.dtype == target:
+        if self.net.dtype == torch_dtype(dtype):
             return None
-        clone = copy.deepcopy(self.net).to(target)
-        clone.eval()
-        return clone
+        return generation_copy(self.net, dtype)
 
     def sync_weights(self) -> None:
         """Refresh the generation copy from the (trained) model; a no-op without one."""
