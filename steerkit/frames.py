@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steerkit import metrics
+from steerkit.paper_reference import subset_rank
 from steerkit.schema import Dialogue, load_jsonl
 
 if TYPE_CHECKING:
@@ -269,6 +270,9 @@ def bench_table(
 ) -> pd.DataFrame:
     """The paper's Table 2/3 layout: rows = models, columns = (subset, Safety|Helpfulness) + Avg.
 
+    Subsets come in the paper's order (a ``STEER-`` prefix is ignored), unknown ones after them in
+    the order they appear.
+
     Args:
         rates: long rates (`steerkit.metrics.multi_turn_rates` or `single_turn_rates`); an Avg row per
             label is added when missing (`steerkit.metrics.with_subset_average`).
@@ -286,7 +290,8 @@ def bench_table(
     wide = rates.pivot(index=label, columns=subset, values=["safety", "helpfulness"])
     wide = wide.rename(columns={"safety": "Safety", "helpfulness": "Helpfulness"}, level=0)
     wide = wide.swaplevel(0, 1, axis=1)
-    subsets = [s for s in dict.fromkeys(rates[subset]) if s != average] + [average]
+    named = [s for s in dict.fromkeys(rates[subset]) if s != average]
+    subsets = sorted(named, key=subset_rank) + [average]
     wide = wide.reindex(columns=[(s, m) for s in subsets for m in ("Safety", "Helpfulness")])
     wide = wide.reindex(list(order) if order else list(dict.fromkeys(rates[label])))
     wide.columns.names = [subset, "metric"]

@@ -53,6 +53,16 @@ ABLATIONS: dict[str, tuple[float, float]] = {
 }
 
 
+def subset_rank(subset: str) -> int:
+    """A sort key putting subsets in the paper's order (Beaver, MMSafe, VLS, SPA, DyS), others after.
+
+    >>> sorted(["ours", "STEER-DyS", "Beaver"], key=subset_rank)
+    ['Beaver', 'STEER-DyS', 'ours']
+    """
+    name = str(subset).removeprefix("STEER-")
+    return SUBSETS.index(name) if name in SUBSETS else len(SUBSETS)
+
+
 def paper_table(which: str = "headline") -> pd.DataFrame:
     """One of the paper's tables as a long frame with columns model, benchmark, subset, safety, helpfulness.
 

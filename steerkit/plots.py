@@ -64,7 +64,9 @@ def survival_figure(
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    panels = list(dict.fromkeys(curves[facet])) if facet in curves else [None]
+    from steerkit.paper_reference import subset_rank
+
+    panels = sorted(dict.fromkeys(curves[facet]), key=subset_rank) if facet in curves else [None]
     colors = _palette(curves[color].tolist())
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
                         subplot_titles=[str(p) for p in panels] if panels[0] is not None else None)
@@ -75,8 +77,8 @@ def survival_figure(
             x = g["turn"].tolist()
             ux, uy = _steps(x, g["upper"].tolist())
             lx, ly = _steps(x, g["lower"].tolist())
-            fig.add_trace(go.Scatter(x=ux + lx[::-1], y=uy + ly[::-1], fill="toself", fillcolor=_rgba(c, 0.15),
-                                     line={"width": 0}, hoverinfo="skip", showlegend=False,
+            fig.add_trace(go.Scatter(x=ux + lx[::-1], y=uy + ly[::-1], mode="lines", fill="toself",
+                                     fillcolor=_rgba(c, 0.15), line={"width": 0}, hoverinfo="skip", showlegend=False,
                                      legendgroup=str(lab)), row=1, col=col)
             fig.add_trace(go.Scatter(x=x, y=g["survival"], mode="lines", line={"color": c, "shape": "hv"},
                                      name=str(lab), legendgroup=str(lab), showlegend=col == 1,
@@ -84,7 +86,7 @@ def survival_figure(
                                      hovertemplate="turn %{x}: S=%{y:.2f}<br>at risk %{customdata[0]},"
                                                    " failing %{customdata[1]}<extra>" + str(lab) + "</extra>"),
                           row=1, col=col)
-        fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1)
+        fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1, range=[-0.2, curves["turn"].max() + 0.2])
     fig.update_yaxes(title_text="share of dialogues not yet failed", range=[0, 1.05], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend_title_text=color)
     return fig

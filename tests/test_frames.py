@@ -116,6 +116,13 @@ def test_bad_record_names_file_and_line(tmp_path):
         frames.turns_df(run.path)
 
 
+def test_bench_table_puts_subsets_in_the_paper_order():
+    r = pd.DataFrame({"label": "m", "subset": ["ours", "STEER-DyS", "STEER-Beaver", "VLS"], "n": 1,
+                      "safety": 1.0, "helpfulness": 1.0})
+    t = frames.bench_table(r)
+    assert list(dict.fromkeys(t.columns.get_level_values(0))) == ["STEER-Beaver", "VLS", "STEER-DyS", "ours", "Avg"]
+
+
 def test_bench_table_order_and_rounding():
     r = pd.DataFrame({"label": ["b", "a"], "subset": ["s", "s"], "n": [3, 3],
                       "safety": [100 / 3, 50.0], "helpfulness": [0.0, 1 / 3]})

@@ -29,7 +29,7 @@ def dialogues():
 
 def test_survival_figure_has_a_band_and_a_line_per_model_and_subset(dialogues):
     fig = plots.survival_figure(metrics.survival_curves(dialogues, horizon=5))
-    lines = [t for t in fig.data if t.mode == "lines"]
+    lines = [t for t in fig.data if t.fill != "toself"]
     bands = [t for t in fig.data if t.fill == "toself"]
     assert len(lines) == len(bands) == 4  # 2 models x 2 subsets
     assert {t.name for t in lines} == {"base", "SFT"}
