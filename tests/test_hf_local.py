@@ -233,3 +233,24 @@ def test_smollm2_bf16_generation_copy_gives_the_same_answer(smollm2: HFLocalBack
     assert fast._gen_net.dtype == torch.bfloat16 and smollm2.net.dtype == torch.float32
     (reply,) = fast.generate_sync([PARIS])
     assert reply.ok and "Paris" in reply.text
+
+
+def test_multi_turn_dialogues_generate_one_batch_per_turn(
+    tiny: HFLocalBackend, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steerkit.clients import run_sync
+    from steerkit.converse import DialogueState, StaticUser, play
+
+    sizes = _count_generate_calls(tiny, monkeypatch)
+    states = [
+        DialogueState.start(f"d{i}", ["What is in the picture?", "Tell me more."], images=["red.png"],
+                            system="Be helpful.", root=images)
+        for i in range(3)
+    ]
+    run_sync(play(states, user=StaticUser(), assistant=ChatClient(tiny, role="student"),
+                  sampling=Sampling(max_tokens=6)))
+    assert sizes == [3, 3]  # every live dialogue of a turn in one generate
+    for s in states:
+        assert s.turn == 2 and all(r.ok for r in s.replies)
+        prompt, paths = tiny.render(Request(s.messages[:-1], root=images))
+        assert prompt.count("<|image_pad|>") == 1 and len(paths) == 1  # the image stays in turn one
