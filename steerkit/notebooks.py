@@ -13,6 +13,8 @@ by its ``manifest.json`` afterwards, so the two cannot disagree.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import time
@@ -73,16 +75,21 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
     Read with `ast` rather than papermill's line parser, which skips any line holding a second ``=``
     (a comment such as ``# keep when score >= 4``) and would let a typo through unnoticed.
     """
+    path = Path(path).resolve()
+    return dict(_parameters(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(path: Path, mtime_ns: int) -> dict[str, Any]:  # mtime_ns: re-read an edited notebook
     import ast
 
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    cell = next((c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None:
         return {}
     out: dict[str, Any] = {}
-    for node in ast.parse(cell.source).body:
+    source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+    for node in ast.parse(source).body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         for target in targets:
             if isinstance(target, ast.Name) and node.value is not None:
