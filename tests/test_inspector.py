@@ -126,3 +126,17 @@ def test_each_run_forks_with_its_own_student(runs):
     missing.select(("r-sft", "d1"))
     with pytest.raises(ValueError, match="no student to replay run 'r-sft'"):
         missing.fork(1, "x")
+
+
+@pytest.mark.slow
+def test_fork_with_the_embedded_student(runs, smollm2_dir):
+    from steerkit.clients import Sampling
+
+    ins = Inspector(runs, student="smollm2", judge="rules", sampling=Sampling(temperature=0.0, max_tokens=16))
+    ins.select(("r-base", "d2"))
+    forked = ins.fork(1, "What is the capital of France?", max_turns=1)
+    answer = forked.messages[-1]
+    assert answer.role == "assistant" and answer.content.strip()
+    (verdict,) = forked.verdicts
+    assert verdict.extra["turn"] == 1 and verdict.grader == "rules"
+    assert "Fork of d2 at turn 1" in ins.fork_view.value
