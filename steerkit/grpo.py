@@ -801,8 +801,10 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     if config.rl_data:
         records, root = load_rl_dialogues(config.rl_data)
     else:
+        # as many turns as the run plays (2..3), so the harmful request arrives within max_turns
         records, root = seed_rl_dialogues(run.path / "rl_data", max(config.n_prompts, config.prompts_per_step),
-                                          seed=config.seed, with_images=config.with_images and vision)
+                                          turns=max(2, min(3, config.max_turns)), seed=config.seed,
+                                          with_images=config.with_images and vision)
     if config.n_prompts:
         records = records[: config.n_prompts]
     rows = rl_rows(records, root, vision=vision, captions=None if vision else load_captions(root, records))
