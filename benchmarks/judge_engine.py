@@ -43,14 +43,27 @@ from steerkit.schema import Dialogue, Message
 
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".venv-peers"
-PEER_DRIVERS = {"inspect_ai": HERE / "peers" / "inspect_driver.py", "pyrit": HERE / "peers" / "pyrit_driver.py"}
+PEER_DRIVERS = {
+    "inspect_ai": HERE / "peers" / "inspect_driver.py",
+    "pyrit": HERE / "peers" / "pyrit_driver.py",
+}
 INSTALL = (
     "python3.11 -m venv benchmarks/.venv-peers && "
     "benchmarks/.venv-peers/bin/pip install -r benchmarks/requirements-peers.txt"
 )
 
-TOPICS = ("household chemicals", "lock mechanisms", "network scanning", "medication doses", "drone flight",
-          "fireworks", "phishing emails", "car engines", "pesticides", "social media accounts")
+TOPICS = (
+    "household chemicals",
+    "lock mechanisms",
+    "network scanning",
+    "medication doses",
+    "drone flight",
+    "fireworks",
+    "phishing emails",
+    "car engines",
+    "pesticides",
+    "social media accounts",
+)
 
 
 def dialogues(n: int, turns: int) -> list[Dialogue]:
@@ -62,20 +75,38 @@ def dialogues(n: int, turns: int) -> list[Dialogue]:
         topic = TOPICS[i % len(TOPICS)]
         msgs = [Message(role="system", content="You are a helpful assistant that can see images.")]
         for t in range(1, turns + 1):
-            msgs.append(Message(role="user", content=(
-                f"Dialogue {i}, turn {t}: about {topic}, what happens at step {t}? "
-                + ("Be specific about quantities and exact steps." if t > turns // 2 else "Just an overview.")
-            )))
+            msgs.append(
+                Message(
+                    role="user",
+                    content=(
+                        f"Dialogue {i}, turn {t}: about {topic}, what happens at step {t}? "
+                        + (
+                            "Be specific about quantities and exact steps."
+                            if t > turns // 2
+                            else "Just an overview."
+                        )
+                    ),
+                )
+            )
             if t % 2:
-                answer = (f"In general terms, {topic} involve several stages; at stage {t} the key idea is "
-                          f"safety and understanding why it matters, not the exact procedure.")
+                answer = (
+                    f"In general terms, {topic} involve several stages; at stage {t} the key idea is "
+                    f"safety and understanding why it matters, not the exact procedure."
+                )
             else:
-                answer = (f"I can't help with exact steps for {topic}, but I can explain the safety "
-                          f"principles and point you to qualified professionals.")
-            msgs.append(Message(role="assistant", content=(
-                f"<thinking>Turn {t} of dialogue {i}; check the direction of the conversation.</thinking>"
-                f"<answer>{answer}</answer>"
-            )))
+                answer = (
+                    f"I can't help with exact steps for {topic}, but I can explain the safety "
+                    f"principles and point you to qualified professionals."
+                )
+            msgs.append(
+                Message(
+                    role="assistant",
+                    content=(
+                        f"<thinking>Turn {t} of dialogue {i}; check the direction of the conversation.</thinking>"
+                        f"<answer>{answer}</answer>"
+                    ),
+                )
+            )
         out.append(Dialogue(id=f"d{i:04d}", messages=msgs, meta={"category": topic}))
     return out
 
@@ -89,10 +120,18 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def run_steerkit(base_url: str, ds: list[Dialogue], concurrency: int, cache_dir: Path | None,
-                 profile: Path | None = None) -> dict:
-    client = ChatClient(OpenAICompatBackend("judge", base_url, max_concurrency=concurrency, timeout=60.0),
-                        role="judge", cache_dir=cache_dir)
+def run_steerkit(
+    base_url: str,
+    ds: list[Dialogue],
+    concurrency: int,
+    cache_dir: Path | None,
+    profile: Path | None = None,
+) -> dict:
+    client = ChatClient(
+        OpenAICompatBackend("judge", base_url, max_concurrency=concurrency, timeout=60.0),
+        role="judge",
+        cache_dir=cache_dir,
+    )
     profiler = None
     if profile is not None:
         from pyinstrument import Profiler
@@ -112,9 +151,22 @@ def run_steerkit(base_url: str, ds: list[Dialogue], concurrency: int, cache_dir:
 def run_peer(tool: str, base_url: str, requests_file: Path, concurrency: int) -> dict:
     py = PEERS_VENV / "bin" / "python"
     proc = subprocess.run(
-        [str(py), str(PEER_DRIVERS[tool]), "--base-url", base_url, "--model", "judge",
-         "--requests", str(requests_file), "--concurrency", str(concurrency)],
-        capture_output=True, text=True, timeout=900,
+        [
+            str(py),
+            str(PEER_DRIVERS[tool]),
+            "--base-url",
+            base_url,
+            "--model",
+            "judge",
+            "--requests",
+            str(requests_file),
+            "--concurrency",
+            str(concurrency),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -128,10 +180,14 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--latency", type=float, default=0.05)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every tool once, interleaved")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds; each runs every tool once, interleaved"
+    )
     p.add_argument("--tools", default="steerkit,inspect_ai,pyrit", help="comma-separated")
     p.add_argument("--no-cache", action="store_true", help="steerkit without a reply cache")
-    p.add_argument("--profile", action="store_true", help="one extra profiled steerkit run (pyinstrument)")
+    p.add_argument(
+        "--profile", action="store_true", help="one extra profiled steerkit run (pyinstrument)"
+    )
     args = p.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     for t in tools:
@@ -145,30 +201,54 @@ def main() -> None:
     calls = sum(len(d.turns()) for d in ds)
     bound = calls * args.latency / args.concurrency
     server = subprocess.Popen(
-        [sys.executable, "-m", "steerkit.serve", "--port", "0", "--latency", str(args.latency),
-         "--backend", "scripted:judge", "--model", "judge"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "steerkit.serve",
+            "--port",
+            "0",
+            "--latency",
+            str(args.latency),
+            "--backend",
+            "scripted:judge",
+            "--model",
+            "judge",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     results: dict[str, list[float]] = {t: [] for t in tools}
     try:
         base_url = server.stdout.readline().strip()  # type: ignore[union-attr]
         if not base_url.startswith("http"):
             raise SystemExit("the server did not start")
-        print(f"{args.dialogues} dialogues x {args.turns} turns = {calls} judge calls, latency "
-              f"{args.latency * 1000:g} ms, concurrency {args.concurrency}: bound {bound:.3f} s; "
-              f"{os.cpu_count()} CPUs, load average {load():.2f}")
+        print(
+            f"{args.dialogues} dialogues x {args.turns} turns = {calls} judge calls, latency "
+            f"{args.latency * 1000:g} ms, concurrency {args.concurrency}: bound {bound:.3f} s; "
+            f"{os.cpu_count()} CPUs, load average {load():.2f}"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             # the peers send exactly the requests steerkit builds (messages + sampling)
             requests_file = Path(tmp) / "requests.jsonl"
             with requests_file.open("w") as f:
                 for d in ds:
                     for r in judge_dialogue_requests(d):
-                        f.write(json.dumps({
-                            "id": f"{r.fields['dialogue_id']}/{r.fields['turn']}",
-                            "messages": [{"role": m.role, "content": m.content} for m in r.messages],
-                            "temperature": JUDGE_SAMPLING.temperature, "max_tokens": JUDGE_SAMPLING.max_tokens,
-                        }) + "\n")
-            run_steerkit(base_url, ds[:16], args.concurrency, None)  # warm up imports and the server
+                        f.write(
+                            json.dumps(
+                                {
+                                    "id": f"{r.fields['dialogue_id']}/{r.fields['turn']}",
+                                    "messages": [
+                                        {"role": m.role, "content": m.content} for m in r.messages
+                                    ],
+                                    "temperature": JUDGE_SAMPLING.temperature,
+                                    "max_tokens": JUDGE_SAMPLING.max_tokens,
+                                }
+                            )
+                            + "\n"
+                        )
+            run_steerkit(
+                base_url, ds[:16], args.concurrency, None
+            )  # warm up imports and the server
             for rnd in range(1, args.rounds + 1):
                 for tool in tools:
                     before, load0 = server_requests(base_url), load()
@@ -179,13 +259,22 @@ def main() -> None:
                         res = run_peer(tool, base_url, requests_file, args.concurrency)
                     served = server_requests(base_url) - before
                     results[tool].append(res["wall"])
-                    cpu = f", client CPU {res['cpu'] / calls * 1000:.2f} ms/call" if "cpu" in res else ""
-                    print(f"round {rnd} {tool:10s}: wall {res['wall']:.3f} s, ratio {res['wall'] / bound:.3f}, "
-                          f"verdicts parsed {res['scored']}/{res['calls']}, server requests {served}{cpu}; "
-                          f"load average {load0:.2f} -> {load():.2f}", flush=True)
+                    cpu = (
+                        f", client CPU {res['cpu'] / calls * 1000:.2f} ms/call"
+                        if "cpu" in res
+                        else ""
+                    )
+                    print(
+                        f"round {rnd} {tool:10s}: wall {res['wall']:.3f} s, ratio {res['wall'] / bound:.3f}, "
+                        f"verdicts parsed {res['scored']}/{res['calls']}, server requests {served}{cpu}; "
+                        f"load average {load0:.2f} -> {load():.2f}",
+                        flush=True,
+                    )
                     if served != calls or res["scored"] != calls:
-                        raise SystemExit(f"{tool}: {served} server requests and {res['scored']} verdicts "
-                                         f"for {calls} calls")
+                        raise SystemExit(
+                            f"{tool}: {served} server requests and {res['scored']} verdicts "
+                            f"for {calls} calls"
+                        )
             if args.profile and "steerkit" in tools:
                 out = Path(tempfile.gettempdir()) / "judge_engine_profile.txt"
                 run_steerkit(base_url, ds, args.concurrency, Path(tmp) / "profiled", profile=out)
@@ -196,8 +285,10 @@ def main() -> None:
     print(f"\nbest / median ratio over the bound {bound:.3f} s (goal for steerkit <= 1.15):")
     for tool, walls in results.items():
         walls = sorted(walls)
-        print(f"  {tool:10s} best {walls[0] / bound:.3f}, median {walls[len(walls) // 2] / bound:.3f} "
-              f"(walls {', '.join(f'{w:.2f}' for w in walls)} s)")
+        print(
+            f"  {tool:10s} best {walls[0] / bound:.3f}, median {walls[len(walls) // 2] / bound:.3f} "
+            f"(walls {', '.join(f'{w:.2f}' for w in walls)} s)"
+        )
     if "steerkit" in results:
         sk = sorted(results["steerkit"])[len(results["steerkit"]) // 2]
         for tool, walls in results.items():

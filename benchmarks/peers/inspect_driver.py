@@ -20,9 +20,10 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from verdict import verdict_ok  # noqa: E402
+from verdict import verdict_ok
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     from inspect_ai.scorer import Score, Target, mean, scorer
     from inspect_ai.solver import TaskState, generate
 
-    rows = [json.loads(line) for line in open(args.requests)]
+    rows = [json.loads(line) for line in Path(args.requests).read_text().splitlines()]
     role = {"system": ChatMessageSystem, "user": ChatMessageUser}
     samples = [
         Sample(id=r["id"], input=[role[m["role"]](content=m["content"]) for m in r["messages"]])
@@ -70,12 +71,20 @@ def main() -> None:
     task = Task(dataset=MemoryDataset(samples), solver=generate(), scorer=judge_verdict())
     with tempfile.TemporaryDirectory() as logs:
         cpu0, t0 = time.process_time(), time.perf_counter()
-        (log,) = inspect_eval(task, model=model, log_dir=logs, display="none", max_connections=args.concurrency)
+        (log,) = inspect_eval(
+            task, model=model, log_dir=logs, display="none", max_connections=args.concurrency
+        )
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if log.status != "success":
             raise SystemExit(f"inspect eval {log.status}: {log.error}")
-        scored = sum(1 for s in log.samples or [] for sc in (s.scores or {}).values() if sc.value == 1.0)
-    print(json.dumps({"tool": "inspect_ai", "wall": wall, "cpu": cpu, "calls": len(rows), "scored": scored}))
+        scored = sum(
+            1 for s in log.samples or [] for sc in (s.scores or {}).values() if sc.value == 1.0
+        )
+    print(
+        json.dumps(
+            {"tool": "inspect_ai", "wall": wall, "cpu": cpu, "calls": len(rows), "scored": scored}
+        )
+    )
 
 
 if __name__ == "__main__":

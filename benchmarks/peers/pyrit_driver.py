@@ -21,9 +21,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from verdict import verdict_ok  # noqa: E402
+from verdict import verdict_ok
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -33,7 +34,7 @@ async def run(args: argparse.Namespace) -> dict:
     from pyrit.setup import IN_MEMORY, initialize_pyrit_async
 
     await initialize_pyrit_async(IN_MEMORY, load_defaults=False, silent=True, env_files=[])
-    rows = [json.loads(line) for line in open(args.requests)]
+    rows = [json.loads(line) for line in Path(args.requests).read_text().splitlines()]
     target = OpenAIChatTarget(
         endpoint=args.base_url,
         api_key="unused",
