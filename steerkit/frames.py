@@ -304,3 +304,15 @@ def steer_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
     evs = _evals(runs)
     rates = metrics.multi_turn_rates(dialogues_df(evs), **rate_kw)
     return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))
+
+
+def single_turn_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
+    """Single-turn benchmarks (Table 3 layout): pass at 3 per label and subset.
+
+    Every dialogue is an item and its first turn is the one scored (a single-turn benchmark's
+    dialogues have exactly one turn; for a multi-turn run this reads turn 1 alone).
+    """
+    evs = _evals(runs)
+    turns = turns_df(evs)
+    rates = metrics.single_turn_rates(turns[turns["turn"] == 1], **rate_kw)
+    return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))
