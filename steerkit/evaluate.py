@@ -262,8 +262,8 @@ def evaluate(
                                                  max_turns=max_turns, risks=risks)
                 for s in states:
                     s.meta["student_finish"] = [r.finish for r in s.replies]
-                    d = s.to_dialogue(verdicts=verdicts[s.id])
-                    results.append(d.model_dump(mode="json"))
+                # one write and one fsync per chunk, not per dialogue
+                results.extend([s.to_dialogue(verdicts=verdicts[s.id]).model_dump(mode="json") for s in states])
                 log.info("evaluate: %d/%d items written", start + len(chunk), len(todo))
         finally:
             await student.backend.aclose()
