@@ -112,13 +112,32 @@ def package_dir(name: str) -> Path:
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """``"smollm2"`` -> the materialised SmolLM2 folder; anything else -> that folder, which must exist."""
+    """``"smollm2"`` -> the materialised SmolLM2 folder; anything else -> that folder, which must hold
+    a checkpoint (``config.json``) or a PEFT adapter (``adapter_config.json``)."""
     if str(path) == SMOLLM2:
         return smollm2_path()
     p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: not a model folder (no config.json); give a checkpoint folder or 'smollm2'")
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{p}: not a model folder (no config.json or adapter_config.json); give a checkpoint folder or 'smollm2'"
+        )
     return p
+
+
+def adapter_base(folder: Path) -> Path | None:
+    """The base model folder of a PEFT adapter folder (``base_model_name_or_path``); None for a full checkpoint."""
+    if (folder / "config.json").is_file() or not (folder / "adapter_config.json").is_file():
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / 'adapter_config.json'}: base_model_name_or_path is empty")
+    try:
+        return resolve_model_path(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{folder / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a model folder here;"
+            " put the base model there or edit the field"
+        ) from None
 
 
 # --- the embedded SmolLM2 --------------------------------------------------------------------------
@@ -377,7 +396,11 @@ def load_processor(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
 
     folder = resolve_model_path(path)
-    if not is_vision_model(folder):
+    base = adapter_base(folder)
+    vision = is_vision_model(base or folder)
+    if base is not None and not (folder / "tokenizer_config.json").is_file():
+        folder = base  # an adapter saved without its processor uses the base model's
+    if not vision:
         return AutoTokenizer.from_pretrained(folder)
     errors: list[str] = []
     try:
@@ -429,7 +452,9 @@ def is_vision_model(path_or_config: str | os.PathLike[str] | PretrainedConfig | 
     elif isinstance(path_or_config, (str, os.PathLike)):
         if str(path_or_config) == SMOLLM2:
             return False
-        cfg = json.loads((Path(path_or_config) / "config.json").read_text())
+        folder = Path(path_or_config)
+        base = adapter_base(folder)
+        cfg = json.loads(((base or folder) / "config.json").read_text())
     else:
         cfg = path_or_config.to_dict()
     if cfg.get("vision_config") is not None:
@@ -474,7 +499,8 @@ def load_student(
     """Load a student model and its processing class (processor for VLMs, tokenizer for text models).
 
     Args:
-        path: a checkpoint folder, or ``"smollm2"`` for the embedded SmolLM2-135M-Instruct.
+        path: a checkpoint folder (full weights, or a PEFT adapter whose ``base_model_name_or_path``
+            is a folder here), or ``"smollm2"`` for the embedded SmolLM2-135M-Instruct.
         backend: ``"hf"`` plain transformers; ``"unsloth"`` Unsloth's ``FastVisionModel`` /
             ``FastLanguageModel`` (CUDA only, its own environment ``environment-unsloth.yml``; Unsloth
             must be imported before trl and transformers, so call this first in a fresh process);
@@ -531,10 +557,15 @@ def _load_hf(path: str | os.PathLike[str], *, dtype: Any, device: Any) -> tuple[
     folder = resolve_model_path(path)
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, dev)
-    vision = is_vision_model(folder)
+    base = adapter_base(folder)
     processing = load_processor(folder)
-    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=torch_dtype).to(dev)
+    auto = AutoModelForImageTextToText if is_vision_model(base or folder) else AutoModelForCausalLM
+    model = auto.from_pretrained(base or folder, dtype=torch_dtype)
+    if base is not None:  # a LoRA checkpoint: the base model with the adapter on top
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder)
+    model = model.to(dev)
     model.eval()
     return model, processing
 

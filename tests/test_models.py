@@ -106,6 +106,41 @@ def test_missing_checkpoint_names_the_folder(tmp_path: Path) -> None:
         models.load_student("smollm2", backend="vllm")  # type: ignore[arg-type]
 
 
+def test_a_lora_checkpoint_loads_on_its_base(tiny_vlm_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base, processor = models.load_student(tiny_vlm_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")  # no processor beside it: the base's is used
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    assert models.is_vision_model(tmp_path / "adapter")
+    loaded, loaded_processor = models.load_student(tmp_path / "adapter")
+    assert type(loaded).__name__ == "PeftModel" and models.is_real_processor(loaded_processor)
+    ids = processor.tokenizer(["hello world"], return_tensors="pt")
+    lora.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**ids).logits, lora(**ids).logits, atol=1e-5)
+        with lora.disable_adapter():
+            plain = lora(**ids).logits
+        assert not torch.allclose(loaded(**ids).logits, plain, atol=1e-3)  # the adapter is in effect
+    from steerkit.backends.hf_local import HFLocalBackend
+    from steerkit.clients import Request, Sampling
+    from steerkit.schema import Message
+
+    backend = HFLocalBackend.from_pretrained(tmp_path / "adapter", generation_dtype="bfloat16")
+    assert backend.model == f"hf:{(tmp_path / 'adapter').resolve()}+bfloat16"
+    (reply,) = backend.generate_sync([Request([Message(role="user", content="hi")], sampling=Sampling(max_tokens=4))])
+    assert reply.ok and reply.completion_tokens >= 1
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "adapter", moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="base_model_name_or_path"):
+        models.load_student(moved)
+
+
 # --- student backends ------------------------------------------------------------------------------
 
 
