@@ -223,3 +223,27 @@ def test_stage_command_runs_one_notebook_with_inputs_from_set(stand_ins: Path, t
     sft = json.loads((tmp_path / "runs" / "alone2" / "02_stand_in" / "sft" / "manifest.json").read_text())
     assert sft["summary"]["handed"] == [str(synth)]
     assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "data_runn=x"]) == 1  # typo named, not run
+
+
+def test_command_line_help_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from steerkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0 and "--stages" in capsys.readouterr().out
+    assert main(["run", "--profile", "nonesuch", "--runs-root", str(tmp_path)]) == 1  # named, not a traceback
+    assert main(["run", "--profile", "smoke", "--runs-root", str(tmp_path), "--set", "nonsense"]) == 1
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_resume_picks_the_latest_unfinished_pipeline_of_the_profile(tmp_path: Path) -> None:
+    for run_id, profile, status, created in (
+        ("a", "smoke", "running", "2026-01-01"), ("b", "smoke", "finished", "2026-01-03"),
+        ("c", "smoke", "failed", "2026-01-02"), ("d", "full", "running", "2026-01-04"),
+    ):
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "pipeline.json").write_text(
+            json.dumps({"profile": profile, "status": status, "created_at": created}))
+    assert pl.latest_unfinished(tmp_path, "smoke") == "c"
+    assert pl.latest_unfinished(tmp_path, "full") == "d"
+    assert pl.latest_unfinished(tmp_path / "a", "smoke") is None
