@@ -59,6 +59,7 @@ def refusal_share(texts: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="LoRA optimizer steps (global batch 4)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out harmful and benign prompts each")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length")
     ap.add_argument("--n-seeds", type=int, default=48, help="benign and harmful synthesis seeds each")
@@ -77,7 +78,7 @@ def main() -> None:
     requests = student_requests(harmful + benign, args.max_tokens)
     before = answers("smollm2", requests)
     recipe = SFTRecipe(student="smollm2", data=str(data), eval_data=str(data / RL_FILE), finetune="lora",
-                       learning_rate=2e-4, lr_scheduler_type="constant", max_steps=args.steps, batch_size=4,
+                       learning_rate=args.lr, lr_scheduler_type="constant", max_steps=args.steps, batch_size=4,
                        per_device_batch_size=2, max_length=384, logging_steps=5, save_steps=10**6,
                        runs_root=str(root), run_id="sft")
     run_dir = run_sft(recipe)
