@@ -246,7 +246,7 @@ def test_inspector_renders_and_steps_in_jupyterlab(tmp_path: Path, lab_over, bro
 
     options = dialogue_list.locator("option")
     assert options.count() >= 2, "the inspector lists fewer than two dialogues"
-    second = options.nth(1).inner_text()
+    second = dialogue_list.evaluate("el => el.options[1].textContent")  # "<label> · <dialogue id> · ..."
     dialogue_list.select_option(index=1)
     page.wait_for_function(
         "([el, text]) => el.selectedOptions.length && el.selectedOptions[0].textContent === text",
@@ -254,13 +254,14 @@ def test_inspector_renders_and_steps_in_jupyterlab(tmp_path: Path, lab_over, bro
     )
     page.get_by_role("button", name="turn ▶").last.click()
     page.locator(".steerkit-dialogue .turn[data-turn='2']").last.wait_for(timeout=15_000)
-    text = view.inner_text()
-    assert "turn 2 of" in text, text[:500]
-    assert second.split(" · ")[1] in text or second.split(" · ")[1] in page.inner_text("body")
-    assert_widgets_rendered(page)
     shot = tmp_path / "inspector_screenshot.png"
-    view.scroll_into_view_if_needed()
+    dialogue_list.scroll_into_view_if_needed()
     page.screenshot(path=str(shot), full_page=False)
     figures = REPO_ROOT / "figures"  # for the record; figures/ is git-ignored
     if figures.is_dir():
         shutil.copyfile(shot, figures / "inspector_screenshot.png")
+    text = view.inner_text()
+    assert "turn 2 of" in text, f"after selecting {second!r} and stepping: {text[:500]}"
+    assert dialogue_list.evaluate("el => el.selectedOptions[0].textContent") == second
+    assert second.split(" · ")[1] in text, f"the view does not show {second!r}: {text[:300]}"
+    assert_widgets_rendered(page)
