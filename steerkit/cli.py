@@ -49,10 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        logging.getLogger("papermill").setLevel(logging.WARNING)
-    # papermill's own parameter-cell parser warns on comments holding "="; parameters are checked
-    # with steerkit.notebooks.notebook_parameters instead.
-    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+        # papermill's own parameter-cell parser misreads comments holding "=" and then warns of
+        # "unknown" parameters; steerkit.notebooks.check_parameters checks them properly instead.
+        logging.getLogger("papermill").setLevel(logging.ERROR)
     from steerkit import pipeline as pl
 
     profile = None if args.profile == "none" else args.profile

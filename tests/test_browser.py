@@ -263,5 +263,6 @@ def test_inspector_renders_and_steps_in_jupyterlab(tmp_path: Path, lab_over, bro
     text = view.inner_text()
     assert "turn 2 of" in text, f"after selecting {second!r} and stepping: {text[:500]}"
     assert dialogue_list.evaluate("el => el.selectedOptions[0].textContent") == second
-    assert second.split(" · ")[1] in text, f"the view does not show {second!r}: {text[:300]}"
+    dialogue_id = second.replace("\xa0", " ").split(" · ")[1]  # ipywidgets shows spaces as no-break spaces
+    assert dialogue_id in text, f"the view does not show {second!r}: {text[:300]}"
     assert_widgets_rendered(page)
