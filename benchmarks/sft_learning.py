@@ -7,7 +7,8 @@ embedded SmolLM2-135M-Instruct with LoRA (`steerkit.sft.run_sft`), and measures 
 - refusal share on held-out harmful first turns: StrongREJECT prompts not drawn as synthesis seeds,
   under the evaluation system prompt, greedy, `steerkit.heuristics.is_refusal` on the answer;
 - over-refusal on held-out benign requests (PyRIT's benign objectives and templated tasks with another
-  seed, none of them a synthesis seed).
+  seed, none of them a synthesis seed);
+- refusal share on held-out escalations: each harmful RL-split dialogue up to its last user turn.
 
 Prints before/after and writes the figures as JSON with ``--json``. Takes about 5-10 minutes on a 2-core CPU
 with the defaults (longer on a busy machine).
@@ -50,6 +51,21 @@ def student_requests(texts: list[str], max_tokens: int) -> list:
     return [Request([system, Message(role="user", content=t)], sampling=Sampling(max_tokens=max_tokens)) for t in texts]
 
 
+def escalation_requests(data_dir: Path, max_tokens: int) -> list:
+    """Held-out escalations: each harmful RL-split dialogue up to its last user turn (the history keeps the
+    data's own assistant turns), under the evaluation system prompt."""
+    from steerkit.clients import Request, Sampling
+    from steerkit.converse import student_system_prompt
+    from steerkit.sft import load_captions, read_dialogues, with_system
+    from steerkit.synth.splits import RL_FILE
+
+    path = data_dir / RL_FILE
+    captions, _ = load_captions(None, path)
+    return [Request(with_system(d, student_system_prompt())[:-1], sampling=Sampling(max_tokens=max_tokens),
+                    root=path.parent, captions={**d.meta.get("captions", {}), **captions})
+            for _, d in read_dialogues(path) if d.kind != "benign"]
+
+
 def refusal_share(texts: list[str]) -> float:
     from steerkit.heuristics import answer_or_text, is_refusal
 
@@ -75,7 +91,8 @@ def main() -> None:
     t0 = time.perf_counter()
     data = offline_sft_data(root, run_id="data", n_benign=args.n_seeds, n_harmful=args.n_seeds)
     harmful, benign = held_out_prompts(data, args.prompts)
-    requests = student_requests(harmful + benign, args.max_tokens)
+    escalations = escalation_requests(data, args.max_tokens)
+    requests = student_requests(harmful + benign, args.max_tokens) + escalations
     before = answers("smollm2", requests)
     recipe = SFTRecipe(student="smollm2", data=str(data), eval_data=str(data / RL_FILE), finetune="lora",
                        learning_rate=args.lr, lr_scheduler_type="constant", max_steps=args.steps, batch_size=4,
@@ -84,13 +101,15 @@ def main() -> None:
     run_dir = run_sft(recipe)
     after = answers(run_dir / "checkpoint", requests)
     summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
-    k = len(harmful)
+    k, b = len(harmful), len(harmful) + len(benign)
     figures = {
         "sft_dialogues": json.loads((run_dir / "manifest.json").read_text())["training"]["data"]["dialogues"],
         "steps": summary["global_step"],
         "heldout_loss_before": summary["eval_loss_before"], "heldout_loss_after": summary["eval_loss_after"],
         "harmful_refusal_before": refusal_share(before[:k]), "harmful_refusal_after": refusal_share(after[:k]),
-        "benign_refusal_before": refusal_share(before[k:]), "benign_refusal_after": refusal_share(after[k:]),
+        "benign_refusal_before": refusal_share(before[k:b]), "benign_refusal_after": refusal_share(after[k:b]),
+        "escalation_refusal_before": refusal_share(before[b:]), "escalation_refusal_after": refusal_share(after[b:]),
+        "escalations": len(escalations),
         "harmful_prompts": k, "benign_prompts": len(benign), "seconds": round(time.perf_counter() - t0, 1),
         "run_dir": str(run_dir),
     }
@@ -102,7 +121,9 @@ def main() -> None:
           f"{figures['harmful_refusal_after']:10.1%}")
     print(f"{f'refusal, benign (n={len(benign)})':34s}{figures['benign_refusal_before']:10.1%}"
           f"{figures['benign_refusal_after']:10.1%}")
-    for i in (0, k):
+    print(f"{f'refusal, escalation (n={len(escalations)})':34s}{figures['escalation_refusal_before']:10.1%}"
+          f"{figures['escalation_refusal_after']:10.1%}")
+    for i in (0, k, b)[: 2 + bool(escalations)]:
         print(f"\n{requests[i].messages[-1].content[:100]!r}\n  before: {before[i][:160]!r}\n  after:  {after[i][:160]!r}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
