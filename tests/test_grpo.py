@@ -282,3 +282,17 @@ def test_notebook_03_contract():
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
             assert not any(line.startswith(("def ", "class ")) for line in cell.source.splitlines())
+
+
+def test_init_checkpoint_and_captions_resolution(tmp_path, rl_set):
+    from steerkit.grpo import load_captions, resolve_init
+
+    sft_run = tmp_path / "02_sft" / "run"
+    (sft_run / "checkpoint").mkdir(parents=True)
+    (sft_run / "checkpoint" / "config.json").write_text("{}")
+    assert resolve_init(str(sft_run)) == str(sft_run / "checkpoint")  # a Stage II run directory
+    assert resolve_init(str(sft_run / "checkpoint")) == str(sft_run / "checkpoint")
+    assert resolve_init("smollm2") == "smollm2"
+    scripts, _ = rl_set
+    (tmp_path / "captions.json").write_text(json.dumps({"images/a.png": "a red flask"}))
+    assert load_captions(tmp_path, scripts) == {"images/a.png": "a red flask"}
