@@ -32,7 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steerkit.clients import ChatClient, run_sync
 from steerkit.rewards import (
@@ -48,9 +48,6 @@ from steerkit.rewards import (
 )
 from steerkit.schema import Dialogue, Message, Script, Verdict
 from steerkit.tutor import TUTOR_PROMPT, next_user_turn, tutor_request, tutor_turns
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +529,12 @@ def seed_rl_dialogues(dest: str | Path, n: int = 4, *, turns: int = 3, seed: int
         (scripts, root): image refs are relative to ``root``; ``steer_rl.jsonl`` is written there.
     """
     from steerkit.schema import write_jsonl
-    from steerkit.synth.seeds import copy_package_images, load_strongreject, sample, templated_benign
+    from steerkit.synth.seeds import (
+        copy_package_images,
+        load_strongreject,
+        sample,
+        templated_benign,
+    )
 
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
