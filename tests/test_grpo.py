@@ -186,7 +186,6 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.slow
 def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
     import math
 
