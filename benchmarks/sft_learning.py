@@ -10,10 +10,10 @@ embedded SmolLM2-135M-Instruct with LoRA (`steerkit.sft.run_sft`), and measures 
   seed, none of them a synthesis seed);
 - refusal share on held-out escalations: each harmful RL-split dialogue up to its last user turn.
 
-Prints before/after and writes the figures as JSON with ``--json``. Takes about 5-10 minutes on a 2-core CPU
-with the defaults (longer on a busy machine).
+Prints before/after and writes the figures as JSON with ``--json``. With the defaults it takes about 10 minutes
+on an idle 2-core CPU (25 on a busy one; ``OMP_NUM_THREADS=1`` helps when other jobs share the cores).
 
-    python benchmarks/sft_learning.py [--steps 40] [--prompts 32] [--json out.json]
+    python benchmarks/sft_learning.py [--steps 48] [--prompts 24] [--json out.json]
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ def refusal_share(texts: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=40, help="LoRA optimizer steps (global batch 4)")
+    ap.add_argument("--steps", type=int, default=48, help="LoRA optimizer steps (global batch 4)")
     ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
-    ap.add_argument("--prompts", type=int, default=32, help="held-out harmful and benign prompts each")
-    ap.add_argument("--max-tokens", type=int, default=64, help="answer length")
-    ap.add_argument("--n-seeds", type=int, default=48, help="benign and harmful synthesis seeds each")
+    ap.add_argument("--prompts", type=int, default=24, help="held-out harmful and benign prompts each")
+    ap.add_argument("--max-tokens", type=int, default=96, help="answer length (the <thinking> part comes first)")
+    ap.add_argument("--n-seeds", type=int, default=40, help="benign and harmful synthesis seeds each")
     ap.add_argument("--runs-root", type=Path, default=None, help="where the runs go (default: a temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
