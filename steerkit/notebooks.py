@@ -38,6 +38,8 @@ RUN_ID_PARAMETER = "run_id"
 class StageError(RuntimeError):
     """A notebook failed; the message names the cell and the executed notebook holding the traceback."""
 
+    kernel_cpu_seconds: float | None = None
+
 
 @dataclass(frozen=True)
 class Execution:
@@ -178,10 +180,12 @@ def execute(
             log_output=log_output,
         )
     except PapermillExecutionError as e:
-        raise StageError(
+        error = StageError(
             f"{source.name}: cell [{e.exec_count}] raised {e.ename}: {e.evalue}; the executed notebook"
             f" with the traceback is {pending}"
-        ) from e
+        )
+        error.kernel_cpu_seconds = _children_cpu_seconds() - cpu_before
+        raise error from e
     finally:
         for k, v in saved_env.items():
             if v is None:

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerkit.notebooks import NOTEBOOKS_DIR, check_parameters, execute, notebook_parameters, notebook_path
+from steerkit.notebooks import (
+    NOTEBOOKS_DIR, StageError, check_parameters, execute, notebook_parameters, notebook_path,
+)
 from steerkit.runs import DEFAULT_RUNS_ROOT, REPO_ROOT, atomic_write_json, git_revision, new_run_id
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,8 @@ class Pipeline:
                 )
             except Exception as e:
                 record.update(status="failed", error=str(e), seconds=round(time.monotonic() - start, 1))
+                if isinstance(e, StageError) and e.kernel_cpu_seconds is not None:
+                    record["kernel_cpu_seconds"] = round(e.kernel_cpu_seconds, 1)
                 manifest["status"] = "failed"
                 atomic_write_json(self.manifest_path, manifest)
                 raise
