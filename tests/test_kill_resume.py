@@ -154,3 +154,62 @@ def test_sigkilled_evaluation_resumes_to_the_uninterrupted_result(tmp_path, loop
     manifest = json.loads((killed_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and len(manifest["resumed_at"]) == 1
     assert manifest["evaluation"]["counts"]["dialogues"] == N_ITEMS
+
+
+SYNTHESIZE = """
+import sys
+from steerkit.roles import Roles
+from steerkit.runs import open_run
+from steerkit.synth.synthesize import SynthParams, synthesize
+
+runs, run_id, target = sys.argv[1:]
+params = SynthParams(n_benign=4, n_obfuscated=4, n_redteam=4, chunk_size=2, bench_share=0.25)
+roles = Roles({"generator": "rules", "red_user": "rules", "blue_expert": "rules", "evaluator": "rules",
+               "target": target}, cache_dir=f"{runs}/cache-{run_id}")
+synthesize(open_run("01_synthesize_steer", run_id=run_id, root=runs, parameters=params.manifest()), roles, params)
+"""
+
+
+def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_server):
+    from steerkit.backends.scripted import named_double
+    from steerkit.synth import splits as sp
+
+    target = loopback_server(backend=named_double("complier"), latency=LATENCY)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+
+    def start(run_id: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SYNTHESIZE, str(runs), run_id,
+                                 f"openai:scripted:complier@{target.base_url}"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    clean = start("clean")
+    assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()
+    clean_requests = target.stats()["requests"]
+    proc = start("killed")
+    deadline = time.monotonic() + 240
+    while not target.stats()["in_flight"]:  # the kill lands while the target's plays are on the wire
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    time.sleep(LATENCY * 3)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    killed = runs / "01_synthesize_steer" / "killed"
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    _every_file_parses(killed)
+    resumed = start("killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    _every_file_parses(killed)
+    clean_dir = runs / "01_synthesize_steer" / "clean"
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (clean_dir, killed)]
+    assert manifests[1]["status"] == "finished"
+    assert manifests[0]["summary"]["splits"] == manifests[1]["summary"]["splits"]
+    for name in (sp.SFT_FILE, sp.RL_FILE, sp.BENCH_FILE):
+        ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(killed / name)]
+        assert len(ids) == len(set(ids)), f"{name}: a record written twice"
+        clean_ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(clean_dir / name)]
+        assert sorted(ids) == sorted(clean_ids), name
+    # Finished target plays were cached before the kill, so the rerun repeats at most those in flight.
+    print(f"synthesis: clean {clean_requests} target requests; killed + resumed"
+          f" {target.stats()['requests'] - clean_requests}; max in flight {target.stats()['max_in_flight']}")
+    assert target.stats()["requests"] - clean_requests <= clean_requests + target.stats()["max_in_flight"]
