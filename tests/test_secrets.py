@@ -87,7 +87,8 @@ def test_api_key_is_used_and_written_nowhere(tmp_path, loopback_server, monkeypa
 # ---- no loader unpickles -------------------------------------------------------------------------
 
 #: Calls that can run code from a file: pickle and its wrappers. ``torch.load`` is allowed only with
-#: ``weights_only=True``; ``np.load`` only without ``allow_pickle=True``.
+#: ``weights_only=True``; ``np.load`` only without ``allow_pickle=True``. Also flagged: ``eval``/``exec``
+#: (model text is data, never code), ``yaml.load`` (``safe_load`` only) and ``shell=True``.
 UNSAFE_NAMES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 UNSAFE_ATTRS = {"read_pickle", "to_pickle", "from_pickle"}
 
@@ -106,7 +107,13 @@ def _unsafe_calls(source: str, where: str) -> list[str]:
         name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
         owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
         kw = {k.arg: k.value for k in node.keywords}
-        if name in UNSAFE_ATTRS:
+        if isinstance(f, ast.Name) and name in ("eval", "exec"):
+            found.append(f"{where}:{node.lineno}: {name}() runs text as code")
+        elif name in ("unsafe_load", "full_load") or (name == "load" and owner == "yaml"):
+            found.append(f"{where}:{node.lineno}: yaml.{name} (use yaml.safe_load)")
+        elif isinstance(kw.get("shell"), ast.Constant) and kw["shell"].value is True:
+            found.append(f"{where}:{node.lineno}: shell=True")
+        elif name in UNSAFE_ATTRS:
             found.append(f"{where}:{node.lineno}: {name}()")
         elif name == "load" and owner == "torch":
             v = kw.get("weights_only")
@@ -123,14 +130,15 @@ def test_the_unpickling_scan_flags_unsafe_calls():
     bad = (
         "import pickle\nfrom joblib import load\nimport torch, numpy as np, pandas as pd\n"
         "torch.load('m.pt')\ntorch.load('m.pt', weights_only=False)\nnp.load('a.npy', allow_pickle=True)\n"
-        "pd.read_pickle('f.pkl')\n"
+        "pd.read_pickle('f.pkl')\neval(reply)\nyaml.load(text)\nsubprocess.run(cmd, shell=True)\n"
     )
-    good = "import torch, numpy as np\ntorch.load('m.pt', weights_only=True)\nnp.load('a.npy')\n"
-    assert [int(f.split(":")[1]) for f in _unsafe_calls(bad, "bad.py")] == [1, 2, 4, 5, 6, 7]
+    good = ("import torch, numpy as np\ntorch.load('m.pt', weights_only=True)\nnp.load('a.npy')\n"
+            "model.eval()\nyaml.safe_load(text)\nast.literal_eval(text)\n")
+    assert [int(f.split(":")[1]) for f in _unsafe_calls(bad, "bad.py")] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
     assert _unsafe_calls(good, "good.py") == []
 
 
-def test_no_loader_in_the_package_unpickles():
+def test_no_loader_in_the_package_unpickles_or_runs_text():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         found += _unsafe_calls(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE.parent)))
@@ -143,6 +151,6 @@ def test_no_notebook_unpickles():
     found = []
     for path in sorted((PACKAGE.parent / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
-        code = "\n".join(re.sub(r"^[!%].*$", "", c.source, flags=re.M) for c in nb.cells if c.cell_type == "code")
+        code = "\n".join(re.sub(r"^[!%].*$", "", c.source, flags=re.MULTILINE) for c in nb.cells if c.cell_type == "code")
         found += _unsafe_calls(code, path.name)
     assert found == []
