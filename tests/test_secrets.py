@@ -154,3 +154,12 @@ def test_no_notebook_unpickles():
         code = "\n".join(re.sub(r"^[!%].*$", "", c.source, flags=re.MULTILINE) for c in nb.cells if c.cell_type == "code")
         found += _unsafe_calls(code, path.name)
     assert found == []
+
+
+def test_security_md_names_tests_that_exist():
+    repo = PACKAGE.parent
+    named = re.findall(r"(tests/test_\w+\.py)::(\w+)", (repo / "SECURITY.md").read_text(encoding="utf-8"))
+    assert len(named) >= 20
+    for path, name in named:
+        defined = {n.name for n in ast.parse((repo / path).read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert name in defined, f"SECURITY.md names {path}::{name}, which does not exist"
