@@ -36,7 +36,7 @@ demo: env
 
 # The suite plus nbval over the source notebooks (smoke defaults; only NBVAL_CHECK_OUTPUT cells compare
 # output). `make test PYTEST_ARGS=tests/test_x.py` runs a part.
-PYTEST_ARGS ?= tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+PYTEST_ARGS ?= tests steerkit notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 test: env
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
