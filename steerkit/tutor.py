@@ -36,6 +36,7 @@ from steerkit.heuristics import (
     is_refusal,
     offers_alternative,
 )
+from steerkit.judge import json_objects
 from steerkit.prompts import load_prompt
 from steerkit.schema import SCALES, Message, Verdict
 
@@ -119,18 +120,8 @@ def last_json_object(text: str) -> dict[str, Any] | None:
         >>> last_json_object("no json here") is None
         True
     """
-    decoder = json.JSONDecoder()
-    found, i = None, text.find("{")
-    while i != -1:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            i = text.find("{", i + 1)
-            continue
-        if isinstance(obj, dict):
-            found = obj
-        i = text.find("{", end)
-    return found
+    objects = json_objects(text)
+    return objects[-1] if objects else None
 
 
 def _lower_keys(obj: Any) -> Any:
