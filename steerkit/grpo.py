@@ -137,6 +137,11 @@ class RolloutConfig:
         top_p: nucleus sampling; 1.0 keeps the sampling distribution equal to the trained policy's.
         feedback: use the tutor's new questions (False: the "without feedback dynamics" ablation).
         tutor_prompt: the tutor prompt id.
+        reuse_cache: keep the KV cache between turns (`TurnGenerator`); False re-encodes the history
+            every turn (the reference path, same tokens and log-probs up to float rounding).
+        generation_dtype: sample from a copy of the student in this dtype (e.g. "bfloat16"; LoRA
+            merged into the copy); None samples from the student itself. The recorded log-probs are
+            then the copy's, which TRL uses only for its vLLM importance-sampling correction.
     """
 
     max_turns: int = MAX_TURNS
@@ -145,6 +150,8 @@ class RolloutConfig:
     top_p: float = 1.0
     feedback: bool = True
     tutor_prompt: str = TUTOR_PROMPT
+    reuse_cache: bool = True
+    generation_dtype: str | None = None
 
 
 def _tokenizer(processing_class: Any) -> Any:
@@ -234,48 +241,135 @@ def _encode_prompts(samples: Sequence[RolloutSample], processing_class: Any) -> 
     return out
 
 
-def _generate_turn(model: Any, seqs: list[list[int]], enc: list[dict[str, Any]], *, pad_id: int,
-                   stop: list[int], suppress: list[int], cfg: RolloutConfig) -> tuple[list[list[int]], list[list[float]]]:
-    """One batched generate over all live sequences; returns new tokens and their log-probs per row."""
+def generation_copy(model: Any, dtype: str | None) -> Any:
+    """The model to sample from: ``model`` itself, or a copy in ``dtype`` with any LoRA merged into it.
+
+    A half-precision copy makes each decoding step cheaper while the trained weights stay in full
+    precision (what vLLM-backed GRPO does too). It is taken per rollout, so it follows every update.
+    """
+    import copy
+
     import torch
 
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    kwargs: dict[str, Any] = {}
-    with_images = [e for e in enc if "pixel_values" in e]
-    if with_images:
-        kwargs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-        kwargs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
-    image_id = getattr(model.config, "image_token_id", None)
-    if image_id is not None:
-        mm = (ids == image_id).long()
-        video_id = getattr(model.config, "video_token_id", None)
-        if video_id is not None:
-            mm[ids == video_id] = 2
-        kwargs["mm_token_type_ids"] = mm
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-            **{k: v.to(model.device) for k, v in kwargs.items()},
-            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
-            repetition_penalty=None, max_new_tokens=cfg.max_new_tokens, suppress_tokens=suppress or None,
-            eos_token_id=stop, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
-        )
-    new = out.sequences[:, width:].cpu()
-    # log-prob of each sampled token under the policy at this temperature (what the trainer recomputes)
-    logits = torch.stack(out.logits, dim=1).float().cpu() / cfg.temperature
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-    toks, lps = [], []
-    for i in range(len(seqs)):
-        row = new[i].tolist()
-        end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-        toks.append(row[:end])
-        lps.append(logps[i, :end].tolist())
-    return toks, lps
+    if dtype is None or getattr(torch, dtype) == model.dtype:
+        return model
+    clone = copy.deepcopy(model)
+    if hasattr(clone, "merge_and_unload"):  # PEFT: one plain model, no adapter hooks while decoding
+        clone = clone.merge_and_unload()
+    return clone.to(getattr(torch, dtype)).eval()
+
+
+class TurnGenerator:
+    """One batched ``generate`` per turn over the live trajectories, keeping the KV cache between turns.
+
+    Turn 1 encodes the prompts (left padding). Later turns feed only what is new since the last
+    ``generate``: its final sampled token and the inserted user turn. Rows are re-selected from the
+    cache as trajectories end. Tokens a row sampled after its stop token stay in the cache as holes
+    with attention mask 0, so positions (the mask's cumulative sum, plus Qwen2.5-VL's stored rope
+    deltas) and attended tokens equal those of the dense sequence the trainer scores. With
+    ``reuse_cache=False`` every turn re-encodes the whole history instead (the reference path).
+    """
+
+    def __init__(self, model: Any, *, pad_id: int, stop: list[int], suppress: list[int], cfg: RolloutConfig,
+                 reuse_cache: bool = True) -> None:
+        self.model, self.pad_id, self.stop, self.suppress, self.cfg = model, pad_id, stop, suppress, cfg
+        self.reuse_cache = reuse_cache
+        self.cache: Any = None
+        self.ids: Any = None  # the last generate's sequences, (rows, width)
+        self.mask: Any = None  # their attention mask, 0 on padding and on tokens sampled after a stop
+        self.row_of: dict[int, int] = {}  # sample index -> row in ids / mask / cache
+
+    def __call__(self, live: list[int], seqs: list[list[int]], new: list[list[int]],
+                 enc: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[float]]]:
+        """Sample one answer per live row; returns new tokens (up to the stop) and their log-probs.
+
+        Args:
+            live: sample indices of the live trajectories.
+            seqs: each live row's whole token sequence so far (prompt, answers, inserted turns).
+            new: each live row's tokens inserted since its last answer (empty on turn 1).
+            enc: each live row's encoded prompt (pixel values for VLMs).
+        """
+        import torch
+
+        if self.reuse_cache and self.cache is not None:
+            ids, mask, kwargs = self._continue(live, new)
+        else:
+            ids, mask, kwargs = self._encode(seqs, enc)
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if image_id is not None:
+            mm = (ids == image_id).long()
+            video_id = getattr(self.model.config, "video_token_id", None)
+            if video_id is not None:
+                mm[ids == video_id] = 2
+            kwargs["mm_token_type_ids"] = mm
+        cfg, device = self.cfg, self.model.device
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                **{k: (v.to(device) if hasattr(v, "to") and k != "cache" else v) for k, v in kwargs.items()},
+                do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
+                repetition_penalty=None, max_new_tokens=cfg.max_new_tokens, suppress_tokens=self.suppress or None,
+                eos_token_id=self.stop, pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
+                use_cache=True,
+            )
+        width = ids.shape[1]
+        sampled = out.sequences[:, width:].cpu()
+        # log-prob of each sampled token under the policy at this temperature (what the trainer recomputes)
+        logits = torch.stack(out.logits, dim=1).float().cpu() / cfg.temperature
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        toks, lps = [], []
+        kept = torch.zeros_like(sampled)
+        for i in range(len(live)):
+            row = sampled[i].tolist()
+            end = next((j + 1 for j, t in enumerate(row) if t in self.stop), len(row))
+            toks.append(row[:end])
+            lps.append(logps[i, :end].tolist())
+            kept[i, :end] = 1
+        if self.reuse_cache:
+            self.cache = out.cache
+            self.ids = out.sequences.cpu()
+            self.mask = torch.cat([mask, kept], dim=1)
+            self.row_of = {s: r for r, s in enumerate(live)}
+        return toks, lps
+
+    def _encode(self, seqs: list[list[int]], enc: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, Any]]:
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        kwargs: dict[str, Any] = {}
+        with_images = [e for e in enc if "pixel_values" in e]
+        if with_images:
+            kwargs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+            kwargs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        return ids, mask, kwargs
+
+    def _continue(self, live: list[int], new: list[list[int]]) -> tuple[Any, Any, dict[str, Any]]:
+        """The cached rows of ``live`` plus their new tokens, left-padded as a block after the cache."""
+        import torch
+
+        rows = [self.row_of[i] for i in live]
+        if rows != list(range(self.ids.shape[0])):
+            index = torch.tensor(rows, dtype=torch.long)
+            self.cache.batch_select_indices(index.to(self.model.device))
+            for module in self.model.modules():  # Qwen2-VL family: per-row 3D rope offsets
+                deltas = getattr(module, "rope_deltas", None)
+                if isinstance(deltas, torch.Tensor) and deltas.shape[0] == self.ids.shape[0]:
+                    module.rope_deltas = deltas[index.to(deltas.device)]
+            self.ids, self.mask = self.ids[index], self.mask[index]
+        width = max(len(n) for n in new)
+        block = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        block_mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, n in enumerate(new):
+            block[i, width - len(n):] = torch.tensor(n, dtype=torch.long)
+            block_mask[i, width - len(n):] = 1
+        ids = torch.cat([self.ids, block], dim=1)
+        mask = torch.cat([self.mask, block_mask], dim=1)
+        return ids, mask, {"cache": self.cache}
 
 
 async def _grade(tutor: ChatClient, requests: list[Any]) -> list[Verdict]:
@@ -322,13 +416,15 @@ def rollout(
         first = next(m for m in reversed(s.prompt) if m["role"] == "user")
         t.user_turns.append(_text_of(first["content"]))
         msgs.append([Message(role="user", content=t.user_turns[0], images=list(s.image_refs))])
+    generate = TurnGenerator(generation_copy(model, cfg.generation_dtype), pad_id=pad_id, stop=stop,
+                             suppress=suppress, cfg=cfg, reuse_cache=cfg.reuse_cache)
+    inserted_since: list[list[int]] = [[] for _ in samples]  # tokens added after each row's last answer
     live = list(range(len(samples)))
     for turn in range(1, cfg.max_turns + 1):
         if not live:
             break
         seqs = [trajs[i].prompt_ids + trajs[i].completion_ids for i in live]
-        toks, lps = _generate_turn(model, seqs, [enc[i] for i in live], pad_id=pad_id, stop=stop,
-                                   suppress=suppress, cfg=cfg)
+        toks, lps = generate(live, seqs, [inserted_since[i] for i in live], [enc[i] for i in live])
         requests, nexts = [], []
         for i, new, lp in zip(live, toks, lps, strict=True):
             t = trajs[i]
@@ -355,6 +451,7 @@ def rollout(
             ended_with = tok.decode(new[-1:]) if new and new[-1] in stop else None
             inserted = template.between_turns(user, ended_with=ended_with)
             t.completion_ids += inserted
+            inserted_since[i] = inserted
             t.env_mask += [0] * len(inserted)
             t.logprobs += [0.0] * len(inserted)
             t.user_turns.append(user)
@@ -633,6 +730,7 @@ class GRPORunConfig:
         max_turns: SPEC 4: 10.
         max_new_tokens: per turn.
         temperature, top_p: sampling.
+        generation_dtype: sample from a copy in this dtype ("bfloat16"); None: the trained weights.
         lora: train a LoRA adapter (q/k/v/o of the language model) instead of all weights (CPU).
         lora_r: LoRA rank.
         use_vllm: TRL's vLLM flag, passed through (GPU only; see the module docstring).
@@ -665,6 +763,7 @@ class GRPORunConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    generation_dtype: str | None = None
     lora: bool = True
     lora_r: int = 16
     use_vllm: bool = False
@@ -695,7 +794,8 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     reward = reward or TrajectoryReward(aggregator=config.aggregator, alpha=config.alpha,
                               weights=turn_weights(config.turn_weights), authors_zero_final=config.authors_zero_final)
     rcfg = RolloutConfig(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
-                         temperature=config.temperature, top_p=config.top_p, feedback=config.feedback)
+                         temperature=config.temperature, top_p=config.top_p, feedback=config.feedback,
+                         generation_dtype=config.generation_dtype)
     args = GRPOConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.prompts_per_step * config.num_generations,

@@ -113,10 +113,19 @@ def test_rollout_contract_on_the_tiny_vlm_with_images(tiny, rl_set):
         assert not any(u in tok.decode(student) for u in t.user_turns[1:])
 
     # sampling log-probs equal the training-time log-probs (batched forward, as the trainer does it)
-    enc = proc.image_processor(images=[img for r in rows for _ in range(2) for img in r["images"]], return_tensors="pt")
+    assert worst_logprob_gap(model, proc, trajs, [img for r in rows for _ in range(2) for img in r["images"]]) < 1e-5
+
+
+def worst_logprob_gap(model, proc, trajs, images):
+    """Largest |sampling log-prob - training log-prob| over student tokens; inserted tokens must carry 0.0."""
+    import torch
+
+    image_pad = model.config.image_token_id
+    tok = proc.tokenizer
+    enc = proc.image_processor(images=images, return_tensors="pt")
     width_p = max(len(t.prompt_ids) for t in trajs)
     width_c = max(len(t.completion_ids) for t in trajs)
-    ids = torch.full((4, width_p + width_c), tok.pad_token_id)
+    ids = torch.full((len(trajs), width_p + width_c), tok.pad_token_id)
     att = torch.zeros_like(ids)
     for i, t in enumerate(trajs):
         ids[i, width_p - len(t.prompt_ids):width_p] = torch.tensor(t.prompt_ids)
@@ -133,7 +142,27 @@ def test_rollout_contract_on_the_tiny_vlm_with_images(tiny, rl_set):
                 worst = max(worst, abs(lp - logps[i, j].item()))
             else:
                 assert lp == 0.0
-    assert worst < 1e-5
+    return worst
+
+
+def test_kv_cache_reuse_matches_re_encoding_when_trajectories_end_at_different_turns(tiny, rl_set):
+    import torch
+
+    model, proc = tiny
+    scripts, root = rl_set
+    rows = rl_rows(scripts[:3], root, vision=True)
+    for r, n in zip(rows, (0, 2, 1), strict=True):  # 1, 3 and 2 turns: the cache drops rows as they end
+        r["static_turns"] = r["static_turns"][:n]
+    samples = samples_from(rows, k=2)
+    runs = {}
+    for reuse in (True, False):
+        torch.manual_seed(3)
+        runs[reuse] = rollout(samples, model=model, processing_class=proc, tutor=rules_tutor_client(),
+                              config=RolloutConfig(max_turns=4, max_new_tokens=10, feedback=False, reuse_cache=reuse))
+    cached, dense = runs[True], runs[False]
+    assert [len(t.answers) for t in cached] == [1, 1, 3, 3, 2, 2]
+    assert [t.completion_ids for t in cached] == [t.completion_ids for t in dense]  # same seed, same samples
+    assert worst_logprob_gap(model, proc, cached, [img for r in rows for _ in range(2) for img in r["images"]]) < 1e-5
 
 
 def test_static_next_turns_without_feedback(tiny, rl_set):
@@ -295,3 +324,27 @@ def test_init_checkpoint_and_captions_resolution(tmp_path, rl_set):
     scripts, _ = rl_set
     (tmp_path / "captions.json").write_text(json.dumps({"images/a.png": "a red flask"}))
     assert load_captions(tmp_path, scripts) == {"images/a.png": "a red flask"}
+
+
+def test_a_bf16_generation_copy_merges_lora_and_leaves_the_trained_weights_alone(tiny, rl_set):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from steerkit.grpo import generation_copy
+
+    model, proc = tiny
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+        copy = generation_copy(peft_model, "bfloat16")
+        assert not hasattr(copy, "peft_config") and copy.dtype == torch.bfloat16
+        assert generation_copy(peft_model, None) is peft_model
+        after = peft_model.state_dict()
+        assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+        scripts, root = rl_set
+        rows = rl_rows(scripts[:1], root, vision=True)
+        (t,) = rollout(samples_from(rows, 1), model=peft_model, processing_class=proc, tutor=rules_tutor_client(),
+                       config=RolloutConfig(max_turns=2, max_new_tokens=6, generation_dtype="bfloat16"))
+        assert len(t.answers) == 2 and all(v.scored for v in t.verdicts)
+    finally:
+        peft_model.unload()  # the module-scoped model goes back to its plain layers for the other tests

@@ -1,0 +1,122 @@
+"""Multi-turn rollouts: the batched engine against per-dialogue sequential generation. One measured run.
+
+    python benchmarks/rollout.py                                  # SmolLM2 and the tiny VLM, 8 and 32
+    python benchmarks/rollout.py --models smollm2 --trajectories 8 --turns 5 --tokens 32
+
+The same trajectories (RL prompts from packaged seeds, each repeated K times as GRPO does; static
+next turns, so every mode plays the same user turns; the offline ``rules`` tutor grades each turn)
+are rolled out by:
+
+- ``sequential``: one dialogue at a time, one ``generate`` per turn over the whole history (what a
+  per-dialogue loop over a transformers model does);
+- ``batched, re-encode``: `steerkit.grpo.rollout` with one ``generate`` per turn over all live
+  trajectories, re-encoding every history each turn (``reuse_cache=False``);
+- ``batched``: the engine's default, which keeps the KV cache between turns;
+- ``batched, bf16 copy``: the same, sampling from a bfloat16 copy of the weights.
+
+Tokens per second count the student tokens kept in the trajectories (up to each answer's stop
+token), so a batched run is not credited for the padding it decodes after a row has stopped. The
+ratio is each mode's tokens/s over the sequential mode's, measured in the same run. The tiny VLM is
+random-initialised (it rarely samples its stop token, so its answers run to ``--tokens``) and its
+first user turn carries a photo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def samples_for(model_name: str, n: int, turns: int, root: Path) -> list:
+    from steerkit.grpo import RolloutSample, rl_rows, seed_rl_dialogues
+
+    vision = model_name != "smollm2"
+    k = 4 if n >= 4 else 1
+    scripts, data_root = seed_rl_dialogues(root / model_name, max(1, n // k), turns=turns, with_images=vision)
+    rows = rl_rows(scripts, data_root, vision=vision)
+    return [RolloutSample(prompt=r["prompt"], static_turns=r["static_turns"], images=r.get("images", []),
+                          id=r["id"], image_refs=r["image_refs"], root=Path("/"), goal=r["goal"])
+            for r in rows for _ in range(k)][:n]
+
+
+def timed(label: str, samples: list, model, proc, *, turns: int, tokens: int, batched: bool,
+          reuse_cache: bool = True, dtype: str | None = None, seed: int = 0) -> dict:
+    import torch
+
+    from steerkit.grpo import RolloutConfig, rollout
+    from steerkit.roles import Roles
+
+    cfg = RolloutConfig(max_turns=turns, max_new_tokens=tokens, feedback=False, reuse_cache=reuse_cache,
+                        generation_dtype=dtype)
+    tutor = Roles({"tutor": "rules"}).client("tutor")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    if batched:
+        trajs = rollout(samples, model=model, processing_class=proc, tutor=tutor, config=cfg)
+    else:
+        trajs = [t for s in samples for t in rollout([s], model=model, processing_class=proc, tutor=tutor, config=cfg)]
+    wall = time.perf_counter() - start
+    student = sum(sum(t.env_mask) for t in trajs)
+    turns_played = sum(len(t.answers) for t in trajs)
+    return {"mode": label, "wall_s": round(wall, 3), "student_tokens": student, "turns": turns_played,
+            "tokens_per_s": round(student / wall, 2)}
+
+
+def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str]) -> list[dict]:
+    from steerkit.models import build_tiny_vlm, load_student
+
+    if model_name == "smollm2":
+        model, proc = load_student("smollm2")
+    else:
+        model, proc = load_student(str(build_tiny_vlm(root / "tiny-vlm")))
+    model.eval()
+    samples = samples_for(model_name, n, turns, root)
+    # one short warm-up so the first timed mode does not pay for lazy initialisation
+    timed("warm-up", samples[:2], model, proc, turns=1, tokens=4, batched=True)
+    plan = {
+        "sequential": {"batched": False, "reuse_cache": False},
+        "batched, re-encode": {"batched": True, "reuse_cache": False},
+        "batched": {"batched": True},
+        "batched, bf16 copy": {"batched": True, "dtype": "bfloat16"},
+    }
+    rows = [timed(m, samples, model, proc, turns=turns, tokens=tokens, **plan[m]) for m in modes]
+    base = next((r["tokens_per_s"] for r in rows if r["mode"] == "sequential"), None)
+    for r in rows:
+        r.update(model=model_name, trajectories=n, ratio=round(r["tokens_per_s"] / base, 2) if base else None)
+    return rows
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "tiny-vlm"], choices=["smollm2", "tiny-vlm"])
+    ap.add_argument("--trajectories", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32, help="student tokens per turn (at most)")
+    ap.add_argument("--modes", nargs="+", default=["sequential", "batched, re-encode", "batched", "batched, bf16 copy"])
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here")
+    args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads,"
+          f" load average {os.getloadavg()[0]:.2f}; {args.turns} turns, <= {args.tokens} tokens a turn")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models:
+            for n in args.trajectories:
+                for r in run(model_name, n, turns=args.turns, tokens=args.tokens, root=Path(tmp), modes=args.modes):
+                    out.append(r)
+                    print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
+                          f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
