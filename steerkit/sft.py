@@ -19,7 +19,7 @@ The run directory ``papermill_runs/02_sft_bootstrap/<run_id>/`` holds ``manifest
 data counts, backend, tracker), ``train_log.jsonl`` (loss, learning rate, tokens/s per logging step),
 ``trainer/checkpoint-N`` (resumable trainer checkpoints) and ``checkpoint/`` (the final model, LoRA
 merged, loadable by ``steerkit.models.load_student`` and ``HFLocalBackend``). Running the same recipe
-and ``run_id`` again resumes from the last trainer checkpoint.
+and ``run_id`` again resumes from the last complete trainer checkpoint (one cut short by a kill is removed).
 
 Command line, one process or DDP (on a CPU-only machine DDP runs over gloo; ``accelerate launch --cpu
 --num_processes 2`` would start a single process unless MPI is set up, so use torchrun's launcher)::
@@ -34,6 +34,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ STAGE = "02_sft_bootstrap"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT = "checkpoint"  # the final model inside the run directory
 TRAINER_DIR = "trainer"  # resumable trainer checkpoints
+#: The Trainer writes a checkpoint's files in place, this one last: without it (or cut short) the folder is partial.
+TRAINER_STATE = "trainer_state.json"
 #: ChatML turn openers (Qwen2.5-VL, SmolLM2): what Unsloth's response masker splits on.
 CHATML_USER, CHATML_ASSISTANT = "<|im_start|>user\n", "<|im_start|>assistant\n"
 #: Recipe fields that say where a run lives, not how it trains (left out of the manifest's parameters).
@@ -461,6 +465,39 @@ def _shared_run_id(recipe: SFTRecipe) -> str:
     return ids[0]
 
 
+def complete_checkpoint(folder: Path) -> bool:
+    """True when a trainer checkpoint ``checkpoint-N`` was written to the end.
+
+    transformers 5.24 writes a checkpoint into its final folder, not atomically (weights, optimizer,
+    scheduler, RNG states, then ``trainer_state.json``), so a kill mid-save leaves ``checkpoint-N`` with
+    some files and no state, or a state file cut short. Complete: the state parses and is at step N.
+    """
+    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return match is not None and isinstance(state, dict) and state.get("global_step") == int(match[1])
+
+
+def last_complete_checkpoint(trainer_dir: Path, *, remove_partial: bool = False) -> Path | None:
+    """The newest complete trainer checkpoint in ``trainer_dir`` (None when there is none).
+
+    ``transformers.trainer_utils.get_last_checkpoint`` takes the highest-numbered folder, complete or
+    not. With ``remove_partial`` the partial folders are deleted: the trainer's rotation orders
+    checkpoints by mtime and would count a stale one among the checkpoints it keeps.
+    """
+    if not trainer_dir.is_dir():
+        return None
+    folders = [f for f in trainer_dir.iterdir() if f.is_dir() and re.fullmatch(r"checkpoint-\d+", f.name)]
+    complete = [f for f in folders if complete_checkpoint(f)]
+    if remove_partial:
+        for f in set(folders) - set(complete):
+            log.warning("%s: removing a checkpoint cut short by a kill (no complete %s)", f, TRAINER_STATE)
+            shutil.rmtree(f)
+    return max(complete, key=lambda f: int(f.name.split("-")[1]), default=None)
+
+
 def _finished(run_dir: Path, recipe: SFTRecipe) -> bool:
     """True when the run already finished with these parameters (other parameters are an error)."""
     mpath = run_dir / "manifest.json"
@@ -485,8 +522,6 @@ def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
         recipe: the run's settings (all of them are recorded in the manifest).
         callbacks: extra ``transformers.TrainerCallback`` objects (a progress bar, a stop rule).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     state = distributed_state()
     run_id = _shared_run_id(recipe)
     root = Path(recipe.runs_root) if recipe.runs_root else DEFAULT_RUNS_ROOT
@@ -499,9 +534,11 @@ def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
         run = open_run(STAGE, run_id=run_id, root=root, parameters=recipe.parameters(),
                        roles={"student": recipe.student}, seeds={"seed": recipe.seed},
                        inputs={"data": str(recipe.data), "eval_data": str(recipe.eval_data)})
+        last_complete_checkpoint(run.path / TRAINER_DIR, remove_partial=True)
     state.wait_for_everyone()
     trainer_dir = run.path / TRAINER_DIR
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    found = last_complete_checkpoint(trainer_dir)
+    last = str(found) if found else None
     trainer, info = build_trainer(recipe, run.path, callbacks=callbacks, resume_from=last)
     if state.is_main_process:
         run.update_manifest(training=info, resumed_from=last)

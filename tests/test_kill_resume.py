@@ -8,6 +8,8 @@ requests repeated by the rerun are bounded by the calls that were in flight when
 
 The kill test of synthesis (``tests/test_synth_resume.py``) stops the run by raising inside a
 backend; `test_sigkilled_synthesis_resumes_to_the_same_splits` below does it with a real SIGKILL.
+`test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_training` kills an SFT run
+while it writes a trainer checkpoint and compares the resumed run with an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from steerkit.backends.scripted import JUDGE_VERDICT, ScriptedBackend
 from steerkit.clients import Request
@@ -213,3 +217,135 @@ def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_serve
     print(f"synthesis: clean {clean_requests} target requests; killed + resumed"
           f" {target.stats()['requests'] - clean_requests}; max in flight {target.stats()['max_in_flight']}")
     assert target.stats()["requests"] - clean_requests <= clean_requests + target.stats()["max_in_flight"]
+
+
+SFT = """
+import sys, time
+from transformers import Trainer
+from steerkit.sft import SFTRecipe, run_sft
+
+student, data, runs, run_id, hold_at = sys.argv[1:]
+if int(hold_at):
+    # Hold the save of checkpoint-<hold_at> after its weights and optimizer are written and before its
+    # RNG states and trainer_state.json: the kill then lands in a half-written checkpoint every time.
+    save_rng = Trainer._save_rng_state
+
+    def held(self, output_dir):
+        if self.state.global_step == int(hold_at):
+            print("holding", output_dir, flush=True)
+            time.sleep(300)
+        save_rng(self, output_dir)
+
+    Trainer._save_rng_state = held
+run_sft(SFTRecipe(student=student, data=data, finetune="full", max_steps=%(steps)d, batch_size=2,
+                  per_device_batch_size=2, learning_rate=1e-3, max_length=None, logging_steps=1,
+                  save_steps=%(save)d, runs_root=runs, run_id=run_id))
+"""
+SFT_STEPS, SFT_SAVE = 6, 2
+
+
+def _sft_data(folder: Path) -> Path:
+    """Four two-turn dialogues, one with an image, in a Stage I-like folder."""
+    from PIL import Image
+
+    from steerkit.schema import Message, write_jsonl
+
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(folder / "images/red.png")
+    write_jsonl([Dialogue(id=f"d{i}", messages=[
+        Message(role="user", content=f"What is in picture {i}?", images=["images/red.png"] if i == 0 else []),
+        Message(role="assistant", content=f"<thinking>look {i}</thinking><answer>A colour {i}.</answer>"),
+        Message(role="user", content="And how to make it dangerous?"),
+        Message(role="assistant", content=f"<thinking>risky</thinking><answer>I can't help with that {i}.</answer>"),
+    ]) for i in range(4)], folder / "steer_sft.jsonl")
+    return folder
+
+
+@pytest.mark.slow
+def test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_training(tmp_path, tiny_vlm_dir):
+    """Full fine-tuning of the tiny VLM, 6 steps, a checkpoint every 2: killed while checkpoint-4 is
+    half-written, rerun under the same run id, compared with an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from steerkit.backends.hf_local import HFLocalBackend
+    from steerkit.clients import Request, Sampling
+    from steerkit.schema import Message
+    from steerkit.sft import (
+        CHECKPOINT,
+        STAGE,
+        TRAINER_DIR,
+        TRAINER_STATE,
+        complete_checkpoint,
+        training_log,
+    )
+
+    data, runs = _sft_data(tmp_path / "data"), tmp_path / "runs"
+    # one thread each: two OpenMP threads per child on a busy 2-core machine are 3x slower
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    script = SFT % {"steps": SFT_STEPS, "save": SFT_SAVE}
+
+    def start(run_id: str, hold_at: int = 0) -> tuple[subprocess.Popen, Path]:
+        out = tmp_path / f"{run_id}-{time.monotonic_ns()}.log"  # a file, not a pipe nobody drains
+        with out.open("w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_vlm_dir), str(data), str(runs), run_id,
+                                     str(hold_at)], env=env, stdout=f, stderr=subprocess.STDOUT)
+        return proc, out
+
+    def finish(proc: subprocess.Popen, out: Path) -> None:
+        assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
+
+    t0 = time.perf_counter()
+    # the uninterrupted run goes alongside the one to kill (mostly imports: two at once save time)
+    clean_run = start("clean")
+    clean, killed = runs / STAGE / "clean", runs / STAGE / "killed"
+    half = killed / TRAINER_DIR / f"checkpoint-{2 * SFT_SAVE}"
+    proc, out = start("killed", hold_at=2 * SFT_SAVE)
+    try:
+        deadline = time.monotonic() + 240
+        while "holding" not in out.read_text():  # checkpoint-4's weights and optimizer are on disk
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        finish(*clean_run)
+    finally:
+        for p in (proc, clean_run[0]):
+            if p.poll() is None:
+                p.kill()
+    t_first = time.perf_counter() - t0
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    assert not (killed / CHECKPOINT).exists()
+    assert (half / "model.safetensors").is_file() and not (half / TRAINER_STATE).exists()
+    # what the trainer's own lookup would resume from: the half-written folder
+    assert get_last_checkpoint(str(killed / TRAINER_DIR)) == str(half)
+    assert [r["step"] for r in training_log(killed)] == [1, 2, 3, 4]
+
+    t0 = time.perf_counter()
+    rerun = start("killed")
+    finish(*rerun)
+    t_resume = time.perf_counter() - t0
+    assert f"{half}: removing a checkpoint cut short by a kill" in rerun[1].read_text()
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["resumed_at"]) == 1
+    assert manifest["resumed_from"] == str(killed / TRAINER_DIR / f"checkpoint-{SFT_SAVE}")
+    straight = json.loads((clean / "manifest.json").read_text())
+    assert manifest["summary"]["global_step"] == straight["summary"]["global_step"] == SFT_STEPS
+    assert [r["step"] for r in training_log(killed)] == list(range(1, SFT_STEPS + 1))
+    resumed_losses = [r["loss"] for r in training_log(killed)]
+    assert resumed_losses == pytest.approx([r["loss"] for r in training_log(clean)], rel=1e-4)
+    # the half-written folder was written again, whole, when training reached step 4 (limit: 2 kept)
+    kept = sorted((killed / TRAINER_DIR).glob("checkpoint-*"))
+    assert [f.name for f in kept] == [half.name, f"checkpoint-{SFT_STEPS}"] and all(map(complete_checkpoint, kept))
+    a, b = (load_file(str(run / CHECKPOINT / "model.safetensors")) for run in (killed, clean))
+    assert a.keys() == b.keys()
+    drift = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"sft kill/resume: clean and killed runs {t_first:.1f} s, resume {t_resume:.1f} s;"
+          f" max weight difference {drift:.2e}")
+    assert drift < 1e-4
+
+    backend = HFLocalBackend.from_pretrained(killed / CHECKPOINT)
+    (reply,) = backend.generate_sync([Request([Message(role="user", content="Hello")],
+                                              sampling=Sampling(max_tokens=4))])
+    assert reply.ok and reply.completion_tokens > 0

@@ -271,6 +271,33 @@ def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoin
     assert reply.ok and reply.completion_tokens > 0
 
 
+def test_resume_takes_the_newest_complete_checkpoint_and_removes_half_written_ones(tmp_path: Path) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from steerkit.sft import TRAINER_STATE, last_complete_checkpoint
+
+    def checkpoint(step: int, state: str | None) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / TRAINER_STATE).write_text(state)
+        return folder
+
+    checkpoint(2, json.dumps({"global_step": 2, "log_history": []}))
+    complete = checkpoint(4, json.dumps({"global_step": 4, "log_history": []}))
+    partial = [checkpoint(6, None),  # killed before the state was written
+               checkpoint(8, '{"global_step": 8, "log_hi'),  # killed while it was written
+               checkpoint(10, json.dumps({"global_step": 8}))]  # a state from another step
+    (tmp_path / "checkpoint-12").write_text("not a folder")
+    assert get_last_checkpoint(str(tmp_path)) == str(partial[-1])  # the trainer's own pick
+    assert last_complete_checkpoint(tmp_path) == complete
+    assert all(f.is_dir() for f in partial)  # looking removes nothing
+    assert last_complete_checkpoint(tmp_path, remove_partial=True) == complete
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-2", "checkpoint-4"]
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
 def test_a_finished_run_is_not_trained_again(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     recipe = tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="twice", max_steps=1)
     run_dir = run_sft(recipe)
