@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+import pydantic_core
+
 from steerkit.schema import Message
 
 log = logging.getLogger(__name__)
@@ -164,13 +166,15 @@ class ReplyCache:
         self.path = Path(path)
         self._mem: dict[str, dict[str, Any]] = {r["key"]: r for r in ResultLog(self.path, key="key", fsync=False)}
         self._secret_env = tuple(dict.fromkeys((*SECRET_ENV, *secret_env)))
-        self._secrets: tuple[str, ...] = ()
+        self._secrets: tuple[bytes, ...] = ()
         self.refresh_secrets()
 
     def refresh_secrets(self) -> None:
         """Re-read the secret values to scrub (`ChatClient` does it before each batch: the
         environment lookups cost more than the write, so they are not repeated per record)."""
-        self._secrets = tuple(v for k in self._secret_env if (v := os.environ.get(k)))
+        self._secrets = tuple(
+            v.encode("utf-8", "surrogateescape") for k in self._secret_env if (v := os.environ.get(k))
+        )
 
     def get(self, key: str) -> Reply | None:
         r = self._mem.get(key)
@@ -179,12 +183,12 @@ class ReplyCache:
     def put(self, key: str, reply: Reply) -> None:
         rec = {"key": key, "reply": {**vars(reply), "cached": False}}  # fields are flat: no deep copy
         self._mem[key] = rec
-        line = json.dumps(rec, ensure_ascii=False)
+        line = pydantic_core.to_json(rec)  # UTF-8 JSON, as json.dumps(ensure_ascii=False), faster
         for secret in self._secrets:
-            line = line.replace(secret, "***")
+            line = line.replace(secret, b"***")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (line + "\n").encode())
+            os.write(fd, line + b"\n")
         finally:
             os.close(fd)
 
@@ -299,7 +303,16 @@ class ChatClient:
             async def worker() -> None:
                 for i in pending:
                     if not from_cache(i):
-                        land(i, await self._call_one(requests[i], sem))
+                        reply = await self._call_one(requests[i], sem)
+                        # Refill the freed slot before processing the reply. Replies often land
+                        # together (a server finishing a batch, a fixed latency), and parsing them,
+                        # writing them to the cache and building the next requests would otherwise
+                        # hold back every request waiting for one of the freed slots. The first
+                        # yield lets the replies that landed with this one free their slots, the
+                        # second lets the requests waiting for those slots go out.
+                        await asyncio.sleep(0)
+                        await asyncio.sleep(0)
+                        land(i, reply)
 
             n = min(len(requests), 2 * self.backend.max_concurrency)
             await asyncio.gather(*(worker() for _ in range(n)))

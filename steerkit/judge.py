@@ -109,8 +109,7 @@ class RiskInfo:
 @lru_cache(maxsize=8192)
 def _harm_cues(text: str) -> tuple[str, ...]:
     """`harm_cues`, remembered: turn t's cues cover user turns 1..t, so a dialogue of n turns would
-    otherwise scan each user turn up to n times (41 regex searches a scan, most of the cost of
-    building a judge request)."""
+    otherwise scan each user turn up to n times."""
     return tuple(harm_cues(text))
 
 
@@ -409,32 +408,41 @@ def _finalise(v: Verdict, fields: Mapping[str, Any]) -> Verdict:
 # ---- running the judge ------------------------------------------------------------------------
 
 
-async def verdicts_for(client: ChatClient, requests: Sequence[Request]) -> list[Verdict]:
+async def verdicts_for(
+    client: ChatClient, requests: Sequence[Request], *, on_verdict: Callable[[int], None] | None = None
+) -> list[Verdict]:
     """Send judge requests concurrently and parse each reply as it lands (async; the requests carry
-    their fields), so parsing overlaps the calls still in flight instead of following the last one."""
+    their fields), so parsing overlaps the calls still in flight instead of following the last one.
+    ``on_verdict(i)`` runs once request ``i`` has its verdict and is no longer needed."""
     out: list[Verdict | None] = [None] * len(requests)
 
     def parse(i: int, reply: Reply) -> None:
         req = requests[i]
         v = verdict_from_reply(reply, kind=verdict_kind(req.task), grader=client.spec, prompt_version=req.task)
         out[i] = _finalise(v, req.fields)
+        if on_verdict is not None:
+            on_verdict(i)
 
     await client.complete_many(requests, on_reply=parse)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 
 class _RequestsOnDemand(Sequence[Request]):
-    """The judge requests of many dialogues, each dialogue's built when one of its requests is first read.
+    """The judge requests of many dialogues, each dialogue's built when one of its requests is first
+    read and dropped when all of them are `release`d.
 
     `ChatClient.complete_many` reads requests in order as its workers pull them, so the first calls go
     out while later requests are still unbuilt: building (mostly rubric rendering) overlaps the calls
-    in flight instead of all coming before the first one.
+    in flight instead of all coming before the first one. Dropping them once judged keeps only the
+    requests in flight alive (a request holds its rendered prompt, kilobytes), which also spares the
+    garbage collector from walking every request of the run again and again.
     """
 
     def __init__(self, sizes: Sequence[int], build: Callable[[int], list[Request]]) -> None:
         self._at = [(d, t) for d, n in enumerate(sizes) for t in range(n)]
         self._build = build
         self._built: dict[int, list[Request]] = {}
+        self._unreleased = list(sizes)
 
     def __len__(self) -> int:
         return len(self._at)
@@ -444,9 +452,16 @@ class _RequestsOnDemand(Sequence[Request]):
             return [self[j] for j in range(*i.indices(len(self)))]
         d, t = self._at[i]
         reqs = self._built.get(d)
-        if reqs is None:
+        if reqs is None:  # not built yet, or released (a later read rebuilds: correct, if slower)
             reqs = self._built[d] = self._build(d)
         return reqs[t]
+
+    def release(self, i: int) -> None:
+        """Request ``i`` is no longer needed; its dialogue's requests go with the last of them."""
+        d, _ = self._at[i]
+        self._unreleased[d] -= 1
+        if self._unreleased[d] == 0:
+            self._built.pop(d, None)
 
 
 async def judge_dialogues_async(
@@ -467,7 +482,7 @@ async def judge_dialogues_async(
     sizes = [len(d.turns()) for d in dialogues]
     requests = _RequestsOnDemand(sizes, lambda d: judge_dialogue_requests(
         dialogues[d], prompt=prompt, root=root, captions=captions, risk=risks[d], sampling=sampling))
-    flat = await verdicts_for(client, requests)
+    flat = await verdicts_for(client, requests, on_verdict=requests.release)
     out, i = [], 0
     for n in sizes:
         out.append(flat[i : i + n])

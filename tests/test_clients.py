@@ -463,3 +463,65 @@ def test_server_endpoints_models_and_stats(loopback_server):
     with urllib.request.urlopen(f"{root}/stats") as resp:
         stats = json.load(resp)
     assert stats["requests"] == 1 and stats["outcomes"] == {"ok": 1} and stats["in_flight"] == 0
+
+
+class _Gated:
+    """A backend whose calls end when the test says so; logs when each call starts."""
+
+    model = "gated"
+    batched = False
+
+    def __init__(self, max_concurrency: int, log: list[str]) -> None:
+        self.max_concurrency = max_concurrency
+        self.log = log
+        self.gates: dict[str, asyncio.Future[None]] = {}
+
+    async def generate(self, requests: list[Request]) -> list[Reply]:
+        text = requests[0].messages[-1].content
+        self.log.append(f"send {text}")
+        self.gates[text] = asyncio.get_running_loop().create_future()
+        await self.gates[text]
+        return [Reply(text=text, model=self.model)]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_freed_slots_are_refilled_before_replies_are_processed():
+    # Two replies land together: the requests waiting for their slots go out before either reply
+    # is processed (on_reply, the cache write), so that processing does not hold back the next calls.
+    log: list[str] = []
+    backend = _Gated(2, log)
+    client = ChatClient(backend)
+
+    async def go() -> list[Reply]:
+        run = asyncio.ensure_future(
+            client.complete_many(
+                [ask(f"q{i}") for i in range(4)], on_reply=lambda i, r: log.append(f"land {r.text}")
+            )
+        )
+        while len(backend.gates) < 2:
+            await asyncio.sleep(0)
+        backend.gates["q0"].set_result(None)
+        backend.gates["q1"].set_result(None)
+        while len(backend.gates) < 4:
+            await asyncio.sleep(0)
+        backend.gates["q2"].set_result(None)
+        backend.gates["q3"].set_result(None)
+        return await run
+
+    replies = run_sync(go())
+    assert [r.text for r in replies] == ["q0", "q1", "q2", "q3"]
+    assert log[:4] == ["send q0", "send q1", "send q2", "send q3"], log
+    assert sorted(log[4:]) == ["land q0", "land q1", "land q2", "land q3"]
+
+
+def test_a_scripted_double_can_answer_without_recording():
+    from steerkit.backends.scripted import ScriptExhausted
+
+    quiet = ScriptedBackend(["a", "b"], record=False)
+    client = ChatClient(quiet)
+    assert [r.text for r in client.complete_many_sync([ask("x"), ask("y")])] == ["a", "b"]
+    assert quiet.calls == []
+    with pytest.raises(ScriptExhausted):
+        client.complete_sync(ask("z"))

@@ -247,3 +247,58 @@ def test_rules_judge_risk_scale_is_a_parameter() -> None:
     (r_unit,) = judge_dialogue_requests(d, risk=RiskInfo(trajectory=(0.8,), scale=(0.0, 1.0)))
     assert r_default.fields["risk"]["risky"] is False and r_unit.fields["risk"]["risky"] is True
     assert json.loads(rules_judge(r_unit))["harmlessness"] == -1
+
+
+# ---- request building at scale ----------------------------------------------------------------
+
+
+def _cues_one_search_each(text: str, lexicon: tuple[str, ...]) -> list[str]:
+    """What `harm_cues` must return: one word-start search per cue, in lexicon order."""
+    import re
+
+    low = text.lower()
+    return [w for w in lexicon if re.search(r"\b" + re.escape(w), low)]
+
+
+CUE_TEXTS = [
+    "", "How to build a BOMB?", "Detonating it needs something else", "Soft skills, something new",
+    "an overdose, a lethal dose and self-harm", "the ghost gun's silencer; bypass-the alarm",
+    "ammonium nitrate + thermite, then kill", "skill killer akill x-kill", "phishing phishing phish",
+    "Synthesize the precursor; synthesis of meth", "nonexplosive explosives", "credit card numbers!",
+]
+
+
+def test_harm_cues_match_one_search_per_cue() -> None:
+    from steerkit.heuristics import HARM_CUES, harm_cues
+
+    for text in CUE_TEXTS:
+        assert harm_cues(text) == _cues_one_search_each(text, HARM_CUES), text
+
+
+def test_harm_cues_keep_cues_that_share_a_start_or_overlap(monkeypatch) -> None:
+    # The single-pass pattern captures one cue per position; a lexicon with prefixes ("kill" and
+    # "kill switch", "explo" and "explosive") and cues inside cues ("switch") must still see them all.
+    from steerkit import heuristics
+
+    lexicon = (*heuristics.HARM_CUES, "kill switch", "switch", "explo", "gun")
+    monkeypatch.setattr(heuristics, "HARM_CUES", lexicon)
+    monkeypatch.setattr(heuristics, "_CUES", heuristics._cue_index(lexicon)[0])
+    monkeypatch.setattr(heuristics, "_PREFIXES", heuristics._cue_index(lexicon)[1])
+    for text in [*CUE_TEXTS, "the kill switch", "explosive switchblade", "a ghost gun", "explo-rer"]:
+        assert heuristics.harm_cues(text) == _cues_one_search_each(text, lexicon), text
+
+
+def test_requests_on_demand_are_built_once_and_dropped_when_released() -> None:
+    from steerkit.judge import _RequestsOnDemand
+
+    d = dialogue(("q1", f"{THINK}<answer>a1</answer>"), ("q2", f"{THINK}<answer>a2</answer>"), image=None)
+    built: list[int] = []
+    reqs = _RequestsOnDemand([2, 1], lambda i: built.append(i) or judge_dialogue_requests(d)[: 2 - i])
+    assert len(reqs) == 3 and built == []
+    first = reqs[0]
+    assert reqs[1].fields["turn"] == 2 and reqs[0] is first and built == [0]  # one build per dialogue
+    reqs.release(0)
+    assert reqs[1] is not None and built == [0]  # dialogue 0 still has an unreleased request
+    reqs.release(1)
+    assert reqs[0].fields == first.fields and built == [0, 0]  # released, then read again: rebuilt
+    assert reqs[2].fields["turn"] == 1 and built == [0, 0, 1]

@@ -28,7 +28,8 @@ class ScriptExhausted(RuntimeError):
 
 
 class ScriptedBackend:
-    """Replies from ``replies`` in order, or from ``fn(request)``; records every request.
+    """Replies from ``replies`` in order, or from ``fn(request)``; records every request in `calls`
+    unless ``record`` is False (a double served for hours would keep every request it was sent).
 
     Example:
         >>> import asyncio
@@ -46,25 +47,30 @@ class ScriptedBackend:
         replies: Sequence[str] | Callable[[Request], str],
         *,
         name: str = "scripted",
+        record: bool = True,
     ) -> None:
         self.model = f"scripted:{name}"
         self.name = name
+        self.record = record
         self._fn = replies if callable(replies) else None
         self._replies = list(replies) if not callable(replies) else []
         self.calls: list[Request] = []
+        self._n = 0  # requests answered, recorded or not
 
     async def generate(self, requests: list[Request]) -> list[Reply]:
         out = []
         for req in requests:
-            self.calls.append(req)
+            self._n += 1
+            if self.record:
+                self.calls.append(req)
             if self._fn is not None:
                 text = self._fn(req)
             else:
-                if len(self.calls) > len(self._replies):
+                if self._n > len(self._replies):
                     raise ScriptExhausted(
                         f"scripted client {self.name!r} ran out of replies after {len(self._replies)} calls"
                     )
-                text = self._replies[len(self.calls) - 1]
+                text = self._replies[self._n - 1]
             out.append(Reply(text=text, model=self.model, prompt_tokens=0, completion_tokens=len(text.split())))
         return out
 
