@@ -159,7 +159,8 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     cfg = grpo.GRPORunConfig(
         student="smollm2", n_prompts=args.prompts * args.grpo_steps, prompts_per_step=args.prompts,
         num_generations=args.k, max_steps=args.grpo_steps, max_turns=args.turns, max_new_tokens=args.tokens,
-        learning_rate=1e-4, seed=args.seed, runs_root=str(args.root), run_id=args.phase,
+        learning_rate=1e-4, generation_dtype=args.generation_dtype, seed=args.seed, runs_root=str(args.root),
+        run_id=args.phase,
     )
     result = grpo.run_grpo(cfg)
     tokens = token_counts(result.train_log)
@@ -253,22 +254,27 @@ def report(figures: dict[str, Any]) -> None:
     print(f"steerkit: {m['steerkit']} at commit {m['commit']}"
           + (" with uncommitted changes" if m["uncommitted_changes"] else ""))
     lb, la = figures["load_before"], figures["load_after"]
+    loads = [lb[0], la[0], *(p[k][0] for p in figures["phases"].values() for k in ("load_before", "load_after"))]
     print(f"load average before: {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}   after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
-          + ("   (busy machine: figures are slower than on an idle one)" if max(lb[0], la[0]) > 2 else ""))
+          + ("   (busy machine: figures are slower than on an idle one)" if max(loads) > 2 else ""))
     s = figures["settings"]
     print(f"SFT: {s['sft_steps']} steps, batch {s['sft_batch']} ({s['sft_per_device']} per device), max_length "
           f"{s['max_length']}, {SMOKE_RECIPE.relative_to(REPO)}; GRPO: {s['grpo_steps']} steps, {s['prompts']} "
-          f"prompts x K={s['k']}, {s['turns']} turns x {s['tokens']} tokens, rules tutor")
-    print("medians over the steps after the first (warm-up) step\n")
+          f"prompts x K={s['k']}, {s['turns']} turns x {s['tokens']} tokens, rules tutor, generation from "
+          + (f"a {s['generation_dtype']} copy" if s["generation_dtype"] else "the student"))
+    print("medians over the steps after the first (warm-up) step; load: 1-minute load average before-after"
+          " the phase\n")
     print(f"{'phase':10}{'step s':>9}{'(min-max)':>15}{'warm-up s':>11}{'tokens/step':>13}{'tokens/s':>10}"
-          f"{'RSS load MiB':>14}{'RSS train MiB':>15}{'RSS exit MiB':>14}{'torch MiB':>11}")
+          f"{'RSS load MiB':>14}{'RSS train MiB':>15}{'RSS exit MiB':>14}{'torch MiB':>11}{'load':>12}")
     for name, p in figures["phases"].items():
         r = p["summary"]
         span = f"({fmt(r['step_s_min'])}-{fmt(r['step_s_max'])})"
+        load = f"{p['load_before'][0]:.1f}-{p['load_after'][0]:.1f}"
         print(f"{name:10}{fmt(r['step_s']):>9}{span:>15}"
               f"{fmt(r['warmup_s']):>11}{fmt(r['tokens_per_step'], '.0f'):>13}{fmt(r['tokens_per_s'], '.0f'):>10}"
               f"{fmt(p['rss_before_training_mb'], '.0f'):>14}{fmt(p['rss_training_peak_mb'], '.0f'):>15}"
-              f"{fmt(p['rss_peak_mb'], '.0f'):>14}{fmt(p['torch_peak_mb'], '.0f'):>11}")
+              f"{fmt(p['rss_peak_mb'], '.0f'):>14}{fmt(p['torch_peak_mb'], '.0f'):>11}"
+              f"{load:>12}")
     if "grpo" in figures["phases"]:
         r = figures["phases"]["grpo"]["summary"]
         print(f"\nGRPO step {fmt(r['step_s'])} s = rollout {fmt(r['rollout_s'])} s (generation {fmt(r['generation_s'])}, "
@@ -294,6 +300,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="GRPO trajectories per prompt")
     ap.add_argument("--turns", type=int, default=2, help="GRPO turns per trajectory")
     ap.add_argument("--tokens", type=int, default=32, help="GRPO student tokens per turn")
+    ap.add_argument("--generation-dtype", default=None,
+                    help="GRPO rollouts sample from a copy in this dtype, LoRA merged (default: the student itself)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", type=Path, default=None, help="where runs go (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -317,7 +325,8 @@ def main() -> None:
         if any(p.startswith("sft") for p in args.phases) else None
     figures: dict[str, Any] = {"machine": machine_facts(), "load_before": os.getloadavg(), "settings": {
         k: getattr(args, k) for k in ("sft_steps", "sft_batch", "sft_per_device", "max_length", "sft_seeds",
-                                      "grpo_steps", "prompts", "k", "turns", "tokens", "seed")}, "phases": {}}
+                                      "grpo_steps", "prompts", "k", "turns", "tokens", "generation_dtype",
+                                      "seed")}, "phases": {}}
     for phase in args.phases:
         result = root / f"{phase}.json"
         cmd = [sys.executable, __file__, "--phase", phase, "--result", str(result), "--root", str(root),
