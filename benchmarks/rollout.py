@@ -85,10 +85,14 @@ def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: 
         "batched": {"batched": True},
         "batched, bf16 copy": {"batched": True, "dtype": "bfloat16"},
     }
-    rows = [timed(m, samples, model, proc, turns=turns, tokens=tokens, **plan[m]) for m in modes]
-    base = next((r["tokens_per_s"] for r in rows if r["mode"] == "sequential"), None)
-    for r in rows:
+    rows, base = [], None
+    for m in modes:  # sequential first: the others are printed as ratios to it
+        r = timed(m, samples, model, proc, turns=turns, tokens=tokens, **plan[m])
+        base = r["tokens_per_s"] if m == "sequential" else base
         r.update(model=model_name, trajectories=n, ratio=round(r["tokens_per_s"] / base, 2) if base else None)
+        print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
+              f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
+        rows.append(r)
     return rows
 
 
@@ -100,7 +104,8 @@ def main() -> None:
     ap.add_argument("--trajectories", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32, help="student tokens per turn (at most)")
-    ap.add_argument("--modes", nargs="+", default=["sequential", "batched, re-encode", "batched", "batched, bf16 copy"])
+    ap.add_argument("--modes", nargs="+", default=["sequential", "batched, re-encode", "batched"],
+                    help='also "batched, bf16 copy" (slow on CPUs without bf16 matrix units)')
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads,"
@@ -109,10 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models:
             for n in args.trajectories:
-                for r in run(model_name, n, turns=args.turns, tokens=args.tokens, root=Path(tmp), modes=args.modes):
-                    out.append(r)
-                    print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
-                          f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
+                out += run(model_name, n, turns=args.turns, tokens=args.tokens, root=Path(tmp), modes=args.modes)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
