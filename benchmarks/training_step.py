@@ -264,13 +264,13 @@ def report(figures: dict[str, Any]) -> None:
           + (f"a {s['generation_dtype']} copy" if s["generation_dtype"] else "the student"))
     print("medians over the steps after the first (warm-up) step; load: 1-minute load average before-after"
           " the phase\n")
-    print(f"{'phase':10}{'step s':>9}{'(min-max)':>15}{'warm-up s':>11}{'tokens/step':>13}{'tokens/s':>10}"
+    print(f"{'phase':10}{'step s':>9}{'(min-max)':>17}{'warm-up s':>11}{'tokens/step':>13}{'tokens/s':>10}"
           f"{'RSS load MiB':>14}{'RSS train MiB':>15}{'RSS exit MiB':>14}{'torch MiB':>11}{'load':>12}")
     for name, p in figures["phases"].items():
         r = p["summary"]
         span = f"({fmt(r['step_s_min'])}-{fmt(r['step_s_max'])})"
         load = f"{p['load_before'][0]:.1f}-{p['load_after'][0]:.1f}"
-        print(f"{name:10}{fmt(r['step_s']):>9}{span:>15}"
+        print(f"{name:10}{fmt(r['step_s']):>9}{span:>17}"
               f"{fmt(r['warmup_s']):>11}{fmt(r['tokens_per_step'], '.0f'):>13}{fmt(r['tokens_per_s'], '.0f'):>10}"
               f"{fmt(p['rss_before_training_mb'], '.0f'):>14}{fmt(p['rss_training_peak_mb'], '.0f'):>15}"
               f"{fmt(p['rss_peak_mb'], '.0f'):>14}{fmt(p['torch_peak_mb'], '.0f'):>11}"
