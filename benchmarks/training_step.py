@@ -141,21 +141,22 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     timer = step_timer(parts)
     make_trainer = grpo.make_trainer
 
+    from transformers import GenerationMixin
+
     def instrumented_trainer(*a, **kw):
         trainer = make_trainer(*a, **kw)
         trainer.add_callback(timer)
         # TRL's per-step generation batch: the rollout plus rewards and the reference / old log-probs
         trainer._generate_and_score_completions = parts.timed("generate_and_score",
                                                               trainer._generate_and_score_completions)
-        # the rollout generates with the unwrapped (PEFT) model: its ``generate`` calls are the generation time
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        student.generate = parts.timed("generation", student.generate)
         return trainer
 
     # run_grpo looks these names up in its module at call time; the wrappers only add timing
     grpo.make_trainer = instrumented_trainer
     grpo.TutorRollout.__call__ = parts.timed("rollout", grpo.TutorRollout.__call__)
     grpo.run_sync = parts.timed("tutor", grpo.run_sync)  # the rollout's one tutor batch per turn
+    # every model's ``generate`` (the student, or the rollout's generation copy); only the rollout generates
+    GenerationMixin.generate = parts.timed("generation", GenerationMixin.generate)
     cfg = grpo.GRPORunConfig(
         student="smollm2", n_prompts=args.prompts * args.grpo_steps, prompts_per_step=args.prompts,
         num_generations=args.k, max_steps=args.grpo_steps, max_turns=args.turns, max_new_tokens=args.tokens,
