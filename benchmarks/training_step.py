@@ -135,13 +135,13 @@ def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
 
 
 def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import GenerationMixin
+
     from steerkit import grpo
 
     parts = Parts()
     timer = step_timer(parts)
     make_trainer = grpo.make_trainer
-
-    from transformers import GenerationMixin
 
     def instrumented_trainer(*a, **kw):
         trainer = make_trainer(*a, **kw)
