@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,8 @@ def main() -> None:
     ap.add_argument("--generation-dtype", default=None,
                     help="GRPO rollouts sample from a copy in this dtype, LoRA merged (default: the student itself)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--root", type=Path, default=None, help="where runs go (default: a temporary folder)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="where runs go and stay (default: a temporary folder, removed at the end)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -321,6 +323,7 @@ def main() -> None:
     from steerkit.sft import offline_sft_data
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))
+    print(f"runs: {root}" + ("" if args.root else " (removed at the end; a failed phase leaves it)"), flush=True)
     smollm2_path()  # materialise the embedded model once, outside the measured phases
     data = offline_sft_data(root, run_id="data", n_benign=args.sft_seeds, n_harmful=args.sft_seeds, seed=args.seed) \
         if any(p.startswith("sft") for p in args.phases) else None
@@ -340,9 +343,10 @@ def main() -> None:
         figures["phases"][phase] = out
     figures["load_after"] = os.getloadavg()
     report(figures)
-    print(f"\nruns: {root}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
+    if not args.root:  # the runs' checkpoints take about 3 GB at the default sizes
+        shutil.rmtree(root)
 
 
 if __name__ == "__main__":
