@@ -241,6 +241,19 @@ def _encode_prompts(samples: Sequence[RolloutSample], processing_class: Any) -> 
     return out
 
 
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Token rows as one left-padded (ids, attention mask) pair of tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def generation_copy(model: Any, dtype: str | None) -> Any:
     """The model to sample from: ``model`` itself, or a copy in ``dtype`` with any LoRA merged into it.
 
@@ -335,12 +348,7 @@ class TurnGenerator:
     def _encode(self, seqs: list[list[int]], enc: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, Any]]:
         import torch
 
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        ids, mask = _left_padded(seqs, self.pad_id)
         kwargs: dict[str, Any] = {}
         with_images = [e for e in enc if "pixel_values" in e]
         if with_images:
@@ -361,12 +369,7 @@ class TurnGenerator:
                 if isinstance(deltas, torch.Tensor) and deltas.shape[0] == self.ids.shape[0]:
                     module.rope_deltas = deltas[index.to(deltas.device)]
             self.ids, self.mask = self.ids[index], self.mask[index]
-        width = max(len(n) for n in new)
-        block = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        block_mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, n in enumerate(new):
-            block[i, width - len(n):] = torch.tensor(n, dtype=torch.long)
-            block_mask[i, width - len(n):] = 1
+        block, block_mask = _left_padded(new, self.pad_id)
         ids = torch.cat([self.ids, block], dim=1)
         mask = torch.cat([self.mask, block_mask], dim=1)
         return ids, mask, {"cache": self.cache}
