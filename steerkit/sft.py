@@ -216,6 +216,44 @@ def sft_rows(
     return rows
 
 
+def _template_length(processing_class: Any, messages: list[dict[str, Any]], images: list[Any], *, vision: bool) -> int:
+    """Tokens of ``messages`` as the trainer sees them (a VLM's image placeholders expanded)."""
+    if vision:
+        text = processing_class.apply_chat_template(messages, tokenize=False)
+        return int(processing_class(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1])
+    ids = processing_class.apply_chat_template(messages, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def turns_past_max_length(rows: list[dict[str, Any]], processing_class: Any, max_length: int | None,
+                          *, vision: bool) -> dict[str, int]:
+    """How many assistant turns end beyond ``max_length`` tokens, which the trainer cuts off unseen.
+
+    TRL keeps the first ``max_length`` tokens of a row, so in a multi-turn dialogue the last turns
+    (where an escalating request is finally refused) are the ones lost. A row that fits whole costs one
+    tokenisation; only a row over the limit is measured turn by turn.
+    """
+    from steerkit.images import load_image
+
+    cut = {"assistant_turns": 0, "assistant_turns_cut": 0, "dialogues_cut": 0}
+    for row in rows:
+        messages = row["messages"]
+        images = [load_image(p) for p in row.get("images", [])] if vision else []
+        ends = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
+        cut["assistant_turns"] += len(ends)
+        if max_length is None or _template_length(processing_class, messages, images, vision=vision) <= max_length:
+            continue
+        lost = 0
+        for end in ends:
+            shown = sum(1 for m in messages[:end] if isinstance(m["content"], list)
+                        for part in m["content"] if part.get("type") == "image")
+            if _template_length(processing_class, messages[:end], images[:shown], vision=vision) > max_length:
+                lost += 1
+        cut["assistant_turns_cut"] += lost
+        cut["dialogues_cut"] += lost > 0
+    return cut
+
+
 def to_dataset(rows: list[dict[str, Any]], *, vision: bool):  # -> datasets.Dataset
     import datasets
 
@@ -328,7 +366,6 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
     system = student_system_prompt() if recipe.system_prompt == "student" else None
     captions, captions_source = ({}, None) if vision else load_captions(recipe.captions, data_file)
     dialogues = read_dialogues(data_file, recipe.max_dialogues)
-    train = to_dataset(sft_rows(dialogues, data_file, vision=vision, system=system, captions=captions), vision=vision)
     evals = None
     if recipe.eval_data:
         eval_file = sft_data_file(recipe.eval_data)
@@ -336,6 +373,13 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
         evals = to_dataset(sft_rows(read_dialogues(eval_file), eval_file, vision=vision, system=system,
                                     captions=eval_caps), vision=vision)
 
+    rows = sft_rows(dialogues, data_file, vision=vision, system=system, captions=captions)
+    cut = turns_past_max_length(rows, processing_class, recipe.max_length, vision=vision)
+    if cut["assistant_turns_cut"]:
+        log.warning("%s: %d of %d assistant turns (in %d dialogues) end after max_length=%d tokens and are not "
+                    "trained on; raise max_length to keep them", data_file, cut["assistant_turns_cut"],
+                    cut["assistant_turns"], cut["dialogues_cut"], recipe.max_length)
+    train = to_dataset(rows, vision=vision)
     on_gpu = torch.cuda.is_available()
     world = distributed_state().num_processes
     accumulation = max(1, recipe.batch_size // (recipe.per_device_batch_size * world))
@@ -387,7 +431,7 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
     )
     info = {
         "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision, "data_file": str(data_file),
-        "data": data_summary(dialogues), "captions_source": captions_source,
+        "data": data_summary(dialogues), "max_length_cut": cut, "captions_source": captions_source,
         "system_prompt": STUDENT_SYSTEM if system else "from the data",
         "gradient_accumulation_steps": accumulation, "processes": world, "vision_params_frozen": frozen,
         "tracking": tracking.manifest(), "bf16": args["bf16"],

@@ -22,6 +22,7 @@ from steerkit.sft import (
     run_sft,
     sft_rows,
     training_log,
+    turns_past_max_length,
 )
 
 CAPTIONS = {"images/red.png": "a red square", "images/blue.png": "a blue rectangle"}
@@ -195,6 +196,43 @@ def test_loss_mask_is_exactly_the_assistant_turns_on_smollm2_with_captions(
     assert "[Image: a red square]\nWhat is in picture 0?" in prompt
     assert "Think" in prompt or "think" in prompt  # the student system prompt, not the data's
     assert "a system prompt the data came with" not in prompt
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny_vlm"])
+def test_turns_cut_by_max_length_are_counted_as_the_trainer_cuts_them(
+    model: str, smollm2_dir: Path, tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The count in the manifest equals the assistant turns whose loss tokens the trainer no longer sees."""
+    student = smollm2_dir if model == "smollm2" else tiny_vlm_dir
+    full, info = build_trainer(tiny_recipe(student, data_dir, tmp_path / "full", finetune="lora"), tmp_path / "full")
+    assert info["max_length_cut"] == {"assistant_turns": 12, "assistant_turns_cut": 0, "dialogues_cut": 0}
+    rows = [full.train_dataset[i] for i in range(len(full.train_dataset))]
+    lengths = sorted(len(r["input_ids"]) for r in rows) if "input_ids" in rows[0] else None
+    tok = full.processing_class if model == "smollm2" else full.processing_class.tokenizer
+    if lengths is None:  # vision rows are tokenised by the collator
+        lengths = sorted(int(m.sum()) for m in full.data_collator(rows)["attention_mask"])
+    limit = lengths[len(lengths) // 2] - 3  # cuts the second answer of the longer half of the rows
+    trainer, info = build_trainer(tiny_recipe(student, data_dir, tmp_path / "cut", finetune="lora", max_length=limit),
+                                  tmp_path / "cut")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    end = "<|im_end|>\n" if model == "tiny_vlm" else "<|im_end|>"
+    seen = masked_in_spans(batch, tok)
+    lost = sum(t + end not in spans for spans, texts in zip(seen, assistant_texts(data_dir), strict=True) for t in texts)
+    assert lost > 0
+    assert info["max_length_cut"]["assistant_turns_cut"] == lost
+    assert info["max_length_cut"]["dialogues_cut"] == sum(
+        any(t + end not in spans for t in texts) for spans, texts in zip(seen, assistant_texts(data_dir), strict=True))
+
+
+def test_no_max_length_cuts_nothing(smollm2_dir: Path, data_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    rows = sft_rows(read_dialogues(data_dir / "steer_sft.jsonl"), data_dir / "steer_sft.jsonl", vision=False,
+                    system="SYS", captions=CAPTIONS)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert turns_past_max_length(rows, tok, None, vision=False)["assistant_turns_cut"] == 0
+    assert turns_past_max_length(rows, tok, 8, vision=False) == {
+        "assistant_turns": 12, "assistant_turns_cut": 12, "dialogues_cut": 6}
 
 
 # ---- training ----------------------------------------------------------------------------------------
