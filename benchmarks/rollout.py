@@ -16,9 +16,11 @@ are rolled out by:
 
 Tokens per second count the student tokens kept in the trajectories (up to each answer's stop
 token), so a batched run is not credited for the padding it decodes after a row has stopped. The
-ratio is each mode's tokens/s over the sequential mode's, measured in the same run. The tiny VLM is
-random-initialised (it rarely samples its stop token, so its answers run to ``--tokens``) and its
-first user turn carries a photo.
+ratio is each mode's tokens/s over the sequential mode's, measured in the same run. Last, the
+decode-step gain: n x (one decoding step at batch 1) / (one step at batch n), what batching alone
+can give the decoding phase on this machine (re-encoding the history adds to the sequential side).
+The tiny VLM is random-initialised (it rarely samples its stop token, so its answers run to
+``--tokens``) and its first user turn carries a photo.
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ def timed(label: str, samples: list, model, proc, *, turns: int, tokens: int, ba
             "tokens_per_s": round(student / wall, 2)}
 
 
+def decode_step_gain(model, n: int, *, context: int = 256, steps: int = 20) -> dict:
+    """What batching can give the decoding phase: ``n`` x (one step at batch 1) / (one step at batch ``n``).
+
+    One step is a forward of one new token per row over a KV cache of ``context`` tokens, the work
+    of every sampled token; the sequential mode pays it ``n`` times where the batched engine pays it once.
+    """
+    import torch
+
+    def step_seconds(rows: int) -> float:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, 1000, (rows, context), generator=g)
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).cache
+            token = ids[:, -1:]
+            for _ in range(3):
+                model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        return (time.perf_counter() - start) / steps
+
+    one, many = step_seconds(1), step_seconds(n)
+    return {"step_ms_batch_1": round(one * 1e3, 2), f"step_ms_batch_{n}": round(many * 1e3, 2),
+            "gain": round(n * one / many, 2)}
+
+
 def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str]) -> list[dict]:
     from steerkit.models import build_tiny_vlm, load_student
 
@@ -93,6 +121,10 @@ def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: 
         print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
               f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
         rows.append(r)
+    gain = decode_step_gain(model, n)
+    print(f"{model_name:9s} {n:3d} trajectories  decode step: batch 1 {gain['step_ms_batch_1']:.1f} ms, batch {n}"
+          f" {gain[f'step_ms_batch_{n}']:.1f} ms: batching gain x{gain['gain']}", flush=True)
+    rows.append({"mode": "decode-step gain", "model": model_name, "trajectories": n, **gain})
     return rows
 
 
