@@ -109,16 +109,18 @@ def subset_mean(model: str) -> tuple[float, float]:
 
 
 def parse_match(text: str) -> dict[str, str]:
-    """``"ours=paper model, ..."`` pairs (a notebook parameter) as a mapping for `beside_paper`.
+    """``"ours: paper model, ..."`` pairs (a notebook parameter) as a mapping for `beside_paper`.
 
-    >>> parse_match("base=3B base, GRPO-tcsr=3B SaFeR-Steer")
+    A colon, not "=": papermill reads notebook parameters line by line and cannot parse a value with "=".
+
+    >>> parse_match("base: 3B base, GRPO-tcsr: 3B SaFeR-Steer")
     {'base': '3B base', 'GRPO-tcsr': '3B SaFeR-Steer'}
     """
     out = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
-        ours, sep, theirs = pair.partition("=")
+        ours, sep, theirs = pair.partition(":")
         if not sep or theirs.strip() not in HEADLINE:
-            raise ValueError(f"paper match {pair!r}: write <our label>=<paper model>, models: {', '.join(HEADLINE)}")
+            raise ValueError(f"paper match {pair!r}: write <our label>: <paper model>, models: {', '.join(HEADLINE)}")
         out[ours.strip()] = theirs.strip()
     return out
 

@@ -192,7 +192,8 @@ def test_paper_tables_and_beside():
 
 def test_parse_match_names_the_paper_models():
     assert paper_reference.parse_match("") == {}
-    with pytest.raises(ValueError, match="<our label>=<paper model>"):
-        paper_reference.parse_match("base=3B something")
-    with pytest.raises(ValueError, match="<our label>=<paper model>"):
-        paper_reference.parse_match("base")
+    assert paper_reference.parse_match("SFT: 3B SFT") == {"SFT": "3B SFT"}
+    with pytest.raises(ValueError, match="<our label>: <paper model>"):
+        paper_reference.parse_match("base: 3B something")
+    with pytest.raises(ValueError, match="<our label>: <paper model>"):
+        paper_reference.parse_match("base=3B base")

@@ -47,6 +47,18 @@ def test_source_notebook_is_committed_clean(path: Path) -> None:
         assert not defs, f"{path.name}: define {[d.name for d in defs]} in steerkit, not in the notebook"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_of_the_parameters_cell(path: Path) -> None:
+    """papermill's own reading of the cell (what `papermill --help-notebook` shows and what it checks
+    ``-p`` names against) finds every assigned name: its line parser gives up on a line whose value
+    or comment it cannot split, e.g. one with "=" in the comment."""
+    import papermill
+
+    assigned = {t.id for node in ast.parse(nbformat.read(path, as_version=4).cells[1].source).body
+                for t in node.targets}
+    assert set(papermill.inspect_notebook(str(path))) == assigned
+
+
 def test_every_pipeline_stage_has_its_notebook() -> None:
     names = {p.name[:2] for p in NOTEBOOKS}
     assert {s.notebook for s in pl.STAGES} <= names, f"notebooks present: {sorted(p.name for p in NOTEBOOKS)}"
