@@ -79,6 +79,9 @@ def decode_step_gain(model, n: int, *, context: int = 256, steps: int = 20) -> d
     import torch
 
     def step_seconds(rows: int) -> float:
+        for module in model.modules():  # Qwen2-VL family: 3D-rope offsets kept from the last prefill's rows
+            if getattr(module, "rope_deltas", None) is not None:
+                module.rope_deltas = None
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(100, 1000, (rows, context), generator=g)
         with torch.no_grad():
