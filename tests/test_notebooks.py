@@ -3,8 +3,8 @@
 nbval runs the source notebooks with their own defaults (``make test`` passes ``notebooks`` and
 ``--nbval-lax``); this file checks what nbval cannot see: the parameter plumbing between stages.
 The whole smoke pipeline runs once into tmp_path (`steerkit.pipeline` with the ``smoke`` recipe at
-smaller sizes, so the demo's recipe and its parameter names are exercised too), then each stage's run directory is checked against the contract
-of papermill_runs/README.md: manifest fields, data files that parse back into schema records, the
+smaller sizes, so the demo's recipe and its parameter names are exercised too), then each stage's run
+directory is checked against the contract of papermill_runs/README.md: manifest fields, data files that parse back into schema records, the
 executed notebook kept, figures with their sidecars.
 """
 
