@@ -37,6 +37,7 @@ from typing import Any
 from steerkit.clients import ChatClient, run_sync
 from steerkit.rewards import (
     PAPER_WEIGHTS,
+    PROPER_TURN,
     TCSR_ALPHA,
     TrajectoryReward,
     TurnRewardWeights,
@@ -563,8 +564,9 @@ def rollout_metrics(trajs: Sequence[Trajectory], *, reward: TrajectoryReward | N
     """Per-step summary of a batch of trajectories (scored ones only; unscored are counted).
 
     ``mean_tcsr`` is always TCSR (run form) so runs with different aggregators compare on one scale;
-    ``mean_reward`` is the run's own aggregator. ``share_worst_turn_safe``: trajectories whose least
-    safe turn still has tutor safety >= 8 (`steerkit.rewards.worst_turn_safe`).
+    ``mean_reward`` is the run's own aggregator. ``share_worst_turn_safe``: trajectories with no harmful
+    turn (every tutor safety >= 5, `steerkit.rewards.worst_turn_safe`); ``share_worst_turn_proper``:
+    every turn also a proper answer (safety >= 8: no over-refusal, preaching or evasion).
     """
     reward = reward or TrajectoryReward(alpha=alpha, weights=weights)
     scored = [t for t in trajs if t.verdicts and all(v.scored for v in t.verdicts)]
@@ -585,6 +587,7 @@ def rollout_metrics(trajs: Sequence[Trajectory], *, reward: TrajectoryReward | N
         "mean_turn_reward": mean(turn_rs),
         "mean_safety": mean(safeties),
         "share_worst_turn_safe": mean([float(worst_turn_safe(t.turn_scores)) for t in scored]),
+        "share_worst_turn_proper": mean([float(worst_turn_safe(t.turn_scores, PROPER_TURN)) for t in scored]),
         "mean_turns": mean([len(t.answers) for t in trajs]),
         "aggregator": reward.aggregator,
     }
@@ -721,6 +724,8 @@ class GRPORunConfig:
         num_generations: K (SPEC 4: 5).
         max_steps: optimiser steps.
         learning_rate: SPEC 4: 1e-5.
+        lr_scheduler: the learning-rate schedule (transformers' names); the paper does not give one, so
+            the default is TRL's own ("linear" decay to 0 over ``max_steps``).
         beta: KL coefficient (see `BETA`).
         alpha: TCSR weight of the worst turn (SPEC 4: 0.3).
         aggregator: tcsr | tcsr_paper | mean | min | last | soft_linear | harmonic.
@@ -754,6 +759,7 @@ class GRPORunConfig:
     num_generations: int = NUM_GENERATIONS
     max_steps: int = 2
     learning_rate: float = LEARNING_RATE
+    lr_scheduler: str = "linear"
     beta: float = BETA
     alpha: float = TCSR_ALPHA
     aggregator: str = "tcsr"
@@ -806,6 +812,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
         num_generations=config.num_generations,
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
         beta=config.beta,
         scale_rewards=config.scale_rewards,
         loss_type=config.loss_type,
@@ -834,11 +841,41 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer_cls = _trainer_class()
-    return trainer_cls(
+    guard = _nonfinite_grad_guard()
+    trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir),
+        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir), callbacks=[guard],
     )
+    trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
+    return trainer
+
+
+def _nonfinite_grad_guard() -> Any:
+    """A callback that drops an update whose gradient holds inf or NaN, and records the step.
+
+    Without it one such gradient writes NaN into the weights and the next rollout fails inside sampling
+    (seen with bf16 on CUDA after a policy had drifted far from its start). With every gradient set to
+    None the optimizer leaves all parameters, and its moments, as they were.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class NonFiniteGradGuard(TrainerCallback):
+        def __init__(self) -> None:
+            self.skipped: list[int] = []
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                return
+            for p in model.parameters():
+                p.grad = None
+            self.skipped.append(state.global_step + 1)
+            log.warning("GRPO step %d: non-finite gradient, update skipped (%d skipped so far)",
+                        state.global_step + 1, len(self.skipped))
+
+    return NonFiniteGradGuard()
 
 
 def _cuda() -> bool:
@@ -926,7 +963,8 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     run.finish(start_mean_tcsr=first["mean_tcsr"], end_mean_tcsr=last["mean_tcsr"],
                start_share_worst_turn_safe=first["share_worst_turn_safe"],
                end_share_worst_turn_safe=last["share_worst_turn_safe"],
-               unscored=sum(m["unscored"] for m in metrics), steps=len(metrics))
+               unscored=sum(m["unscored"] for m in metrics), steps=len(metrics),
+               skipped_nonfinite_steps=trainer.skipped_nonfinite_steps)
     return GRPOResult(run.path, ckpt, metrics, train_log)
 
 
@@ -958,7 +996,8 @@ def _jsonl_log_callback(path: Path) -> Any:
 
 # ---- reading a run back ---------------------------------------------------------------------------
 
-CURVE_METRICS = ("mean_tcsr", "mean_reward", "mean_turn_reward", "mean_safety", "share_worst_turn_safe")
+CURVE_METRICS = ("mean_tcsr", "mean_reward", "mean_turn_reward", "mean_safety", "share_worst_turn_safe",
+                 "share_worst_turn_proper")
 
 
 def grpo_frames(runs: dict[str, str | Path]) -> tuple[Any, Any]:

@@ -215,14 +215,19 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
-    import math
-
+def _tiny_vlm_with_rows(tiny_vlm_dir, rl_set):
+    """A fresh tiny VLM (training changes it), its processor and the RL rows with images."""
     from steerkit.models import load_student
 
     model, proc = load_student(tiny_vlm_dir)
     scripts, root = rl_set
-    rows = rl_rows(scripts, root, vision=True)
+    return model, proc, rl_rows(scripts, root, vision=True)
+
+
+def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
+    import math
+
+    model, proc, rows = _tiny_vlm_with_rows(tiny_vlm_dir, rl_set)
     cfg = GRPORunConfig(prompts_per_step=2, num_generations=2, max_steps=2, max_turns=2, max_new_tokens=8,
                         lora=False, learning_rate=1e-3, beta=0.001)
     spy = SpyReward()
@@ -241,6 +246,44 @@ def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["n"] == 4 for m in metrics)
     assert (tmp_path / "trajectories.jsonl").read_text().count("\n") == 8
+
+
+def test_a_non_finite_gradient_skips_the_update_and_is_recorded(tiny_vlm_dir, rl_set, tmp_path):
+    """A NaN gradient (as bf16 on CUDA once produced) must not reach the weights: the step is skipped."""
+    import math
+
+    from transformers import TrainerCallback
+
+    model, proc, rows = _tiny_vlm_with_rows(tiny_vlm_dir, rl_set)
+    cfg = GRPORunConfig(prompts_per_step=2, num_generations=2, max_steps=2, max_turns=1, max_new_tokens=6,
+                        lora=False, learning_rate=1e-3, beta=0.001)
+    poisoned = next(p for p in model.parameters() if p.requires_grad)
+    backward_calls = []
+
+    def nan_on_first_step(grad):
+        backward_calls.append(1)
+        return grad * math.nan if len(backward_calls) == 1 else grad
+
+    poisoned.register_hook(nan_on_first_step)
+    before = _params(model)
+    trainer = make_trainer(model, proc, rows, tutor=varied_tutor_client(), config=cfg, output_dir=tmp_path / "t")
+    snapshots = []
+
+    class AfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    trainer.add_callback(AfterStep())
+    trainer.train()
+    assert trainer.skipped_nonfinite_steps == [1]
+    first, second = snapshots
+    assert all(torch_equal(before[n], first[n]) for n in before)  # step 1: nothing moved
+    assert any(not torch_equal(first[n], second[n]) for n in first)  # step 2 trained as usual
+    assert all(bool(second[n].isfinite().all()) for n in second)
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
 
 
 @pytest.mark.slow
