@@ -36,18 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from steerkit.grpo import (
-    GRPORunConfig,
-    RolloutConfig,
-    RolloutSample,
-    load_rl_dialogues,
-    resolve_init,
-    rl_rows,
-    rollout,
-    rollout_metrics,
-    run_grpo,
-    seed_rl_dialogues,
-)
+from steerkit.grpo import GRPORunConfig, resolve_init, rollout_metrics, run_grpo
+from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
+from steerkit.rollout import RolloutConfig, RolloutSample, rollout
 from steerkit.roles import Roles
 
 

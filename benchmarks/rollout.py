@@ -9,7 +9,7 @@ are rolled out by:
 
 - ``sequential``: one dialogue at a time, one ``generate`` per turn over the whole history (what a
   per-dialogue loop over a transformers model does);
-- ``batched, re-encode``: `steerkit.grpo.rollout` with one ``generate`` per turn over all live
+- ``batched, re-encode``: `steerkit.rollout.rollout` with one ``generate`` per turn over all live
   trajectories, re-encoding every history each turn (``reuse_cache=False``);
 - ``batched``: the engine's default, which keeps the KV cache between turns;
 - ``batched, bf16 copy``: the same, sampling from a bfloat16 copy of the weights.
@@ -36,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def samples_for(model_name: str, n: int, turns: int, root: Path) -> list:
-    from steerkit.grpo import RolloutSample, rl_rows, seed_rl_dialogues
+    from steerkit.rl_data import rl_rows, seed_rl_dialogues
+    from steerkit.rollout import RolloutSample
 
     vision = model_name != "smollm2"
     k = 4 if n >= 4 else 1
@@ -51,7 +52,7 @@ def timed(label: str, samples: list, model, proc, *, turns: int, tokens: int, ba
           reuse_cache: bool = True, dtype: str | None = None, seed: int = 0) -> dict:
     import torch
 
-    from steerkit.grpo import RolloutConfig, rollout
+    from steerkit.rollout import RolloutConfig, rollout
     from steerkit.roles import Roles
 
     cfg = RolloutConfig(max_turns=turns, max_new_tokens=tokens, feedback=False, reuse_cache=reuse_cache,

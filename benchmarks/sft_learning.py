@@ -57,7 +57,7 @@ def escalation_requests(data_dir: Path, max_tokens: int) -> list:
     from steerkit.clients import Request, Sampling
     from steerkit.converse import student_system_prompt
     from steerkit.sft import load_captions, read_dialogues, with_system
-    from steerkit.synth.splits import RL_FILE
+    from steerkit.layout import RL_FILE
 
     path = data_dir / RL_FILE
     captions, _ = load_captions(None, path)
@@ -85,7 +85,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from steerkit.sft import SFTRecipe, answers, offline_sft_data, run_sft
-    from steerkit.synth.splits import RL_FILE
+    from steerkit.layout import RL_FILE
 
     root = args.runs_root or Path(tempfile.mkdtemp(prefix="sft-learning-"))
     t0 = time.perf_counter()

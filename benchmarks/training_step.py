@@ -138,7 +138,8 @@ def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
 def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import GenerationMixin
 
-    from steerkit import grpo
+    from steerkit import grpo, rollout
+    from steerkit.layout import TRAJECTORIES_FILE
 
     parts = Parts()
     timer = step_timer(parts)
@@ -155,7 +156,7 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     # run_grpo looks these names up in its module at call time; the wrappers only add timing
     grpo.make_trainer = instrumented_trainer
     grpo.TutorRollout.__call__ = parts.timed("rollout", grpo.TutorRollout.__call__)
-    grpo.run_sync = parts.timed("tutor", grpo.run_sync)  # the rollout's one tutor batch per turn
+    rollout.run_sync = parts.timed("tutor", rollout.run_sync)  # the rollout's one tutor batch per turn
     # every model's ``generate`` (the student, or the rollout's generation copy); only the rollout generates
     GenerationMixin.generate = parts.timed("generation", GenerationMixin.generate)
     cfg = grpo.GRPORunConfig(
@@ -167,7 +168,7 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     result = grpo.run_grpo(cfg)
     tokens = token_counts(result.train_log)
     student_tokens: dict[int, int] = {}
-    for line in (result.run_dir / "trajectories.jsonl").read_text().splitlines():
+    for line in (result.run_dir / TRAJECTORIES_FILE).read_text().splitlines():
         rec = json.loads(line)  # "step" is the trainer's global step when the rollout ran: one less
         student_tokens[rec["step"] + 1] = student_tokens.get(rec["step"] + 1, 0) + rec["student_tokens"]
     steps = [{**s, "tokens": tokens.get(s["step"]), "student_tokens": student_tokens.get(s["step"])}

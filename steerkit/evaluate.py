@@ -37,14 +37,13 @@ from steerkit.judge import (
     verdict_kind,
     verdicts_for,
 )
+from steerkit.layout import DIALOGUES_FILE, MAX_TURNS
 from steerkit.prompts import load_prompt
 from steerkit.runs import Run
 from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, load_records, resolve_image
 
 log = logging.getLogger(__name__)
 
-DIALOGUES_FILE = "dialogues.jsonl"
-MAX_TURNS = 10  # dialogues have at most 10 turns; survival horizon 10 (SPEC 4 and 6)
 #: The student decodes greedily in evaluation: the paper gives no evaluation sampling, and greedy
 #: replays are reproducible. A parameter; record what a run used.
 STUDENT_SAMPLING = Sampling(temperature=0.0, max_tokens=1024)

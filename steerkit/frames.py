@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steerkit import metrics
+from steerkit.layout import DIALOGUES_FILE, MANIFEST_FILE, METRICS_FILE, TRAJECTORIES_FILE
 from steerkit.paper_reference import subset_rank
 from steerkit.schema import Dialogue, load_jsonl
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIALOGUES_FILE = "dialogues.jsonl"
 ALL = "all"  # the subset name of dialogues that name none
 
 
@@ -70,7 +70,7 @@ def subset_of(meta: Mapping[str, Any]) -> str:
 
 def _find_manifest(path: Path, levels: int = 3) -> tuple[Path, dict[str, Any]] | None:
     for p in [path, *list(path.parents)[:levels]]:
-        m = p / "manifest.json"
+        m = p / MANIFEST_FILE
         if m.is_file():
             return p, json.loads(m.read_text(encoding="utf-8"))
     return None
@@ -316,3 +316,40 @@ def single_turn_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
     turns = turns_df(evs)
     rates = metrics.single_turn_rates(turns[turns["turn"] == 1], **rate_kw)
     return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))
+
+
+CURVE_METRICS = ("mean_tcsr", "mean_reward", "mean_turn_reward", "mean_safety", "share_worst_turn_safe",
+                 "share_worst_turn_proper")
+
+
+# ---- GRPO runs (Stage III) ------------------------------------------------------------------------
+
+
+def grpo_frames(runs: dict[str, str | Path]) -> tuple[Any, Any]:
+    """GRPO run directories (label -> path) -> (per-step metrics, per-turn scores) as tidy DataFrames.
+
+    Metrics: one row per (label, step, metric) for `CURVE_METRICS` plus ``unscored``. Turns: one row
+    per (label, step, row, turn) with the tutor's scores, its attack strategy, the user turn the
+    student answered, the answer and the trajectory's reward.
+    """
+    import pandas as pd
+
+    from steerkit.runs import read_records
+
+    curves, turns = [], []
+    for label, path in runs.items():
+        run = Path(path)
+        for m in read_records(run / METRICS_FILE):
+            curves += [{"run": label, "step": m["step"], "metric": k, "value": m.get(k)}
+                       for k in (*CURVE_METRICS, "unscored")]
+        for t in read_records(run / TRAJECTORIES_FILE):
+            for j, (user, answer) in enumerate(zip(t["user_turns"], t["answers"], strict=False)):
+                s = t["turn_scores"][j] or {}
+                turns.append({
+                    "run": label, "step": t["step"], "row": t["row"], "id": t["id"], "turn": j + 1,
+                    "safety": s.get("safety"), "usefulness": s.get("usefulness"),
+                    "faithfulness": s.get("faithfulness"), "unscored_reason": t["unscored_reasons"][j],
+                    "attack_strategy": t["attack_strategies"][j], "user_turn": user, "answer": answer,
+                    "reward": t["reward"],
+                })
+    return pd.DataFrame(curves), pd.DataFrame(turns)

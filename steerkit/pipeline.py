@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerkit.layout import MANIFEST_FILE, PIPELINE_MANIFEST
 from steerkit.notebooks import (
     NOTEBOOKS_DIR, StageError, check_parameters, execute, notebook_parameters, notebook_path,
 )
@@ -41,7 +42,6 @@ from steerkit.runs import DEFAULT_RUNS_ROOT, REPO_ROOT, atomic_write_json, git_r
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = REPO_ROOT / "configs"
-PIPELINE_MANIFEST = "pipeline.json"
 #: Environment for offline recipes: nothing is fetched from a model hub, nothing reports to wandb.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -224,7 +224,7 @@ class Pipeline:
         """Whether a recorded stage's run manifest says ``finished``."""
         if not record or not record.get("run_dir"):
             return False
-        manifest = Path(record["run_dir"]) / "manifest.json"
+        manifest = Path(record["run_dir"]) / MANIFEST_FILE
         return manifest.exists() and json.loads(manifest.read_text()).get("status") == "finished"
 
     def run(self, only: Iterable[str] | None = None) -> dict[str, Any]:
@@ -308,7 +308,7 @@ class Pipeline:
                 atomic_write_json(self.manifest_path, manifest)
                 raise RuntimeError(
                     f"stage {stage.key}: {record['notebook']} ran to the end but its run manifest"
-                    f" {done.run_dir / 'manifest.json'} does not say status 'finished' (the notebook must call run.finish())"
+                    f" {done.run_dir / MANIFEST_FILE} does not say status 'finished' (the notebook must call run.finish())"
                 )
             record["status"] = "finished"
             atomic_write_json(self.manifest_path, manifest)

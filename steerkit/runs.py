@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from steerkit.layout import MANIFEST_FILE
+
 log = logging.getLogger(__name__)
 
 #: Packages whose versions every manifest records.
@@ -115,7 +117,7 @@ class Run:
     def update_manifest(self, **fields: Any) -> None:
         """Merge fields into the manifest and rewrite it atomically."""
         self.manifest.update(scrub_secrets(fields))
-        atomic_write_json(self.path / "manifest.json", self.manifest)
+        atomic_write_json(self.path / MANIFEST_FILE, self.manifest)
 
     def results(self, name: str) -> ResultLog:
         return ResultLog(self.path / name)
@@ -146,7 +148,7 @@ def open_run(
     root = Path(root) if root is not None else DEFAULT_RUNS_ROOT
     path = root / stage / (run_id or new_run_id())
     path.mkdir(parents=True, exist_ok=True)
-    mpath = path / "manifest.json"
+    mpath = path / MANIFEST_FILE
     params = scrub_secrets(parameters or {})
     if mpath.exists():
         manifest = json.loads(mpath.read_text())
@@ -178,6 +180,11 @@ def open_run(
     run = Run(path=path, manifest=manifest)
     atomic_write_json(mpath, scrub_secrets(manifest))
     return run
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a log file as dicts ([] when the file does not exist yet)."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.is_file() else []
 
 
 class ResultLog:

@@ -41,18 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerkit.layout import CAPTIONS_FILE, CHECKPOINT, MANIFEST_FILE, RL_FILE, SFT_FILE, TRAIN_LOG, TRAINER_STATE
 from steerkit.runs import DEFAULT_RUNS_ROOT, ResultLog, Run, new_run_id, open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
-from steerkit.synth.splits import CAPTIONS_FILE, RL_FILE, SFT_FILE
 
 log = logging.getLogger(__name__)
 
 STAGE = "02_sft_bootstrap"
-TRAIN_LOG = "train_log.jsonl"
-CHECKPOINT = "checkpoint"  # the final model inside the run directory
 TRAINER_DIR = "trainer"  # resumable trainer checkpoints
-#: The Trainer writes a checkpoint's files in place, this one last: without it (or cut short) the folder is partial.
-TRAINER_STATE = "trainer_state.json"
 #: ChatML turn openers (Qwen2.5-VL, SmolLM2): what Unsloth's response masker splits on.
 CHATML_USER, CHATML_ASSISTANT = "<|im_start|>user\n", "<|im_start|>assistant\n"
 #: Recipe fields that say where a run lives, not how it trains (left out of the manifest's parameters).
@@ -544,7 +540,7 @@ def last_complete_checkpoint(trainer_dir: Path, *, remove_partial: bool = False)
 
 def _finished(run_dir: Path, recipe: SFTRecipe) -> bool:
     """True when the run already finished with these parameters (other parameters are an error)."""
-    mpath = run_dir / "manifest.json"
+    mpath = run_dir / MANIFEST_FILE
     if not mpath.is_file():
         return False
     manifest = json.loads(mpath.read_text())

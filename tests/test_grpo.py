@@ -9,18 +9,9 @@ import pytest
 
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient
-from steerkit.grpo import (
-    GRPORunConfig,
-    RolloutConfig,
-    RolloutSample,
-    TurnTemplate,
-    load_rl_dialogues,
-    make_trainer,
-    rl_rows,
-    rollout,
-    rollout_metrics,
-    seed_rl_dialogues,
-)
+from steerkit.grpo import GRPORunConfig, make_trainer, rollout_metrics
+from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
+from steerkit.rollout import RolloutConfig, RolloutSample, TurnTemplate, rollout
 from steerkit.rewards import TrajectoryReward
 from steerkit.roles import Roles
 
@@ -356,7 +347,8 @@ def test_notebook_03_contract():
 
 
 def test_init_checkpoint_and_captions_resolution(tmp_path, rl_set):
-    from steerkit.grpo import load_captions, resolve_init
+    from steerkit.grpo import resolve_init
+    from steerkit.rl_data import load_captions
 
     sft_run = tmp_path / "02_sft" / "run"
     (sft_run / "checkpoint").mkdir(parents=True)
@@ -373,7 +365,7 @@ def test_a_bf16_generation_copy_merges_lora_and_leaves_the_trained_weights_alone
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from steerkit.grpo import generation_copy
+    from steerkit.rollout import generation_copy
 
     model, proc = tiny
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -176,7 +176,7 @@ synthesize(open_run("01_synthesize_steer", run_id=run_id, root=runs, parameters=
 
 def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_server):
     from steerkit.backends.scripted import named_double
-    from steerkit.synth import splits as sp
+    from steerkit import layout
 
     target = loopback_server(backend=named_double("complier"), latency=LATENCY)
     runs = tmp_path / "runs"
@@ -208,7 +208,7 @@ def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_serve
     manifests = [json.loads((d / "manifest.json").read_text()) for d in (clean_dir, killed)]
     assert manifests[1]["status"] == "finished"
     assert manifests[0]["summary"]["splits"] == manifests[1]["summary"]["splits"]
-    for name in (sp.SFT_FILE, sp.RL_FILE, sp.BENCH_FILE):
+    for name in (layout.SFT_FILE, layout.RL_FILE, layout.BENCH_FILE):
         ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(killed / name)]
         assert len(ids) == len(set(ids)), f"{name}: a record written twice"
         clean_ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(clean_dir / name)]

@@ -8,7 +8,7 @@ import pytest
 
 from steerkit.notebooks import execute
 from steerkit.schema import BenchItem, Dialogue, load_jsonl
-from steerkit.synth import splits as sp
+from steerkit import layout
 
 TINY = {"n_benign": 3, "n_obfuscated": 3, "n_redteam": 3, "target": "scripted:complier", "show_dialogues": 1}
 
@@ -21,9 +21,9 @@ def test_notebook_01_writes_the_run_directory_contract(tmp_path):
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["parameters"]["n_redteam"] == 3
     assert manifest["parameters"]["roles"]["target"] == "scripted:complier"
-    sft = load_jsonl(Dialogue, d / sp.SFT_FILE)
-    load_jsonl(Dialogue, d / sp.RL_FILE)
-    bench = load_jsonl(BenchItem, d / sp.BENCH_FILE)
+    sft = load_jsonl(Dialogue, d / layout.SFT_FILE)
+    load_jsonl(Dialogue, d / layout.RL_FILE)
+    bench = load_jsonl(BenchItem, d / layout.BENCH_FILE)
     assert len(sft) == manifest["summary"]["splits"]["sft"]["records"] > 0 and bench
     assert any((d / "images").glob("*.png")) and (d / "README.md").is_file()
     assert (d / "figures" / "turn_lengths.html").is_file() and (d / "figures" / "turn_lengths.json").is_file()
@@ -37,5 +37,5 @@ def test_notebook_01_runs_without_red_team_seeds_or_a_bench(tmp_path):
                  runs_root=tmp_path, run_id="no-bench")
     summary = json.loads((ex.run_dir / "manifest.json").read_text())["summary"]
     assert set(summary["scripts"]["by_kind"]) == {"benign", "obfuscated"}
-    assert summary["splits"]["bench"]["records"] == 0 and (ex.run_dir / sp.BENCH_FILE).read_text() == ""
+    assert summary["splits"]["bench"]["records"] == 0 and (ex.run_dir / layout.BENCH_FILE).read_text() == ""
     assert summary["splits"]["sft"]["records"] > 0

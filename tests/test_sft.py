@@ -312,7 +312,8 @@ def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoin
 def test_resume_takes_the_newest_complete_checkpoint_and_removes_half_written_ones(tmp_path: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from steerkit.sft import TRAINER_STATE, last_complete_checkpoint
+    from steerkit.layout import TRAINER_STATE
+    from steerkit.sft import last_complete_checkpoint
 
     def checkpoint(step: int, state: str | None) -> Path:
         folder = tmp_path / f"checkpoint-{step}"

@@ -11,7 +11,7 @@ from steerkit.clients import ChatClient
 from steerkit.roles import Roles, make_backend
 from steerkit.runs import open_run
 from steerkit.schema import BenchItem, Dialogue, load_jsonl
-from steerkit.synth import splits as sp
+from steerkit import layout
 from steerkit.synth.synthesize import SynthParams, synthesize
 
 
@@ -91,23 +91,23 @@ def test_run_directory_contract(tmp_path):
     run = _open(tmp_path, "contract")
     summary = synthesize(run, roles, PARAMS)
     d = run.path
-    for name in (sp.SFT_FILE, sp.RL_FILE, sp.BENCH_FILE, sp.CAPTIONS_FILE, sp.REJECTED_FILE, "README.md",
+    for name in (layout.SFT_FILE, layout.RL_FILE, layout.BENCH_FILE, layout.CAPTIONS_FILE, layout.REJECTED_FILE, "README.md",
                  "manifest.json", "scripts.jsonl", "seeds.jsonl"):
         assert (d / name).is_file(), name
-    sft = load_jsonl(Dialogue, d / sp.SFT_FILE)  # image refs resolve inside the run directory
-    bench = load_jsonl(BenchItem, d / sp.BENCH_FILE)
+    sft = load_jsonl(Dialogue, d / layout.SFT_FILE)  # image refs resolve inside the run directory
+    bench = load_jsonl(BenchItem, d / layout.BENCH_FILE)
     assert len(sft) == summary["splits"]["sft"]["records"] > 0 and len(bench) > 0
-    captions = json.loads((d / sp.CAPTIONS_FILE).read_text())
+    captions = json.loads((d / layout.CAPTIONS_FILE).read_text())
     assert all(ref in captions for x in sft for ref in x.images)
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["splits"] == summary["splits"]
     assert set(summary["scripts"]["by_kind"]) == {"benign", "obfuscated", "redteam"}
     assert summary["perturbed"] == 1  # ceil(10% of the red-team seeds with an image)
-    red = [x for x in load_jsonl(Dialogue, d / sp.SFT_FILE) + load_jsonl(Dialogue, d / sp.RL_FILE)
+    red = [x for x in load_jsonl(Dialogue, d / layout.SFT_FILE) + load_jsonl(Dialogue, d / layout.RL_FILE)
            if x.kind == "redteam"]
     assert all(x.meta["seed_id"] and x.meta["license"] == "MIT" for x in red)
     for s in sft:
         assert s.meta["source"] and s.meta["license"] and s.meta["red_user"] == "rules"
-    rej = [json.loads(line) for line in (d / sp.REJECTED_FILE).read_text().splitlines()]
+    rej = [json.loads(line) for line in (d / layout.REJECTED_FILE).read_text().splitlines()]
     assert all(r["reason"] for r in rej)
     assert "config_name: bench" in (d / "README.md").read_text()

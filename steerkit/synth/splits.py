@@ -40,16 +40,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from steerkit.layout import BENCH_FILE, CAPTIONS_FILE, RL_FILE, SFT_FILE
 from steerkit.schema import BenchItem, Dialogue, Message, RecordError, Script, read_jsonl
 from steerkit.synth.seeds import stable_order
 
 log = logging.getLogger(__name__)
 
-SFT_FILE = "steer_sft.jsonl"
-RL_FILE = "steer_rl.jsonl"
-BENCH_FILE = "steer_bench.jsonl"
-CAPTIONS_FILE = "captions.json"
-REJECTED_FILE = "rejected.jsonl"
 SUBSETS = ("STEER-Beaver", "STEER-MMSafe", "STEER-VLS", "STEER-SPA", "STEER-DyS")  # SPEC 5
 
 

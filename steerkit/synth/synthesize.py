@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from steerkit import layout
 from steerkit.roles import Roles
 from steerkit.runs import Run, atomic_write_json, atomic_write_text
 from steerkit.schema import Dialogue, Script, Seed, write_jsonl
@@ -184,7 +185,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
             flog.append({"id": ref, "report": rep})
             reports[ref] = rep
     captions = {ref: reports[ref]["caption"] for ref in used}
-    atomic_write_json(run.file(sp.CAPTIONS_FILE), captions)
+    atomic_write_json(run.file(layout.CAPTIONS_FILE), captions)
 
     # Stage I: benign, obfuscated, red-team M2+M3 (one record per seed).
     s1 = run.results("stage1.jsonl")
@@ -246,9 +247,9 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     sft, rl = sp.split_rl(kept, share=p.rl_share, min_turns=p.rl_min_turns, seed=p.seed)
     bench_items = [sp.bench_item(s) for s in bench]
 
-    write_jsonl(sft, run.file(sp.SFT_FILE))
-    write_jsonl(rl, run.file(sp.RL_FILE))
-    write_jsonl(bench_items, run.file(sp.BENCH_FILE))
+    write_jsonl(sft, run.file(layout.SFT_FILE))
+    write_jsonl(rl, run.file(layout.RL_FILE))
+    write_jsonl(bench_items, run.file(layout.BENCH_FILE))
     write_jsonl(scripts, run.file("scripts.jsonl"))
     rejected = ([{"stage": "seeds", "reason": k, "count": v} for k, v in seed_skips.get("by_reason", {}).items()]
                 + [{"stage": "stage1", **r} for r in stage1 if r["status"] == "skipped"]
@@ -256,7 +257,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
                    for r in m4_recs.values() if r["status"] == "rejected"]
                 + [{"stage": "dedup", **d} for d in dups]
                 + [{"stage": "stage2", **r} for r in s2_recs if r["status"] == "rejected"])
-    atomic_write_text(run.file(sp.REJECTED_FILE), "".join(json.dumps(r, default=str) + "\n" for r in rejected))
+    atomic_write_text(run.file(layout.REJECTED_FILE), "".join(json.dumps(r, default=str) + "\n" for r in rejected))
 
     counts = {"sft": sp.split_counts(sft), "rl": sp.split_counts(rl), "bench": sp.split_counts(bench_items)}
     summary = {

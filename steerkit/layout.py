@@ -1,0 +1,36 @@
+"""The run-directory contract: every file name a stage writes or reads, and the method's limits.
+
+Each stage writes into ``papermill_runs/<stage>/<run_id>/`` and the next stage reads from there by
+these names. Nothing else in the package spells a file name of the contract.
+"""
+
+# The method's limits (docs/method.md section 4 and 6).
+MAX_TURNS = 10  # a dialogue stops after 10 user turns (method.md 4: max_turns 10)
+
+# Every run directory.
+MANIFEST_FILE = "manifest.json"  # parameters, roles, prompts, versions, seeds, summary
+CHECKPOINT = "checkpoint"  # a training run's final model, loadable as hf:<run>/checkpoint
+TRAIN_LOG = "train_log.jsonl"  # the trainer's logged losses, one line per logging step
+
+# Stage I (01_synthesize_steer) writes, stages II-IV read.
+SEEDS_FILE = "seeds.jsonl"
+SCRIPTS_FILE = "scripts.jsonl"
+FORENSIC_FILE = "forensic.jsonl"
+SFT_FILE = "steer_sft.jsonl"
+RL_FILE = "steer_rl.jsonl"
+BENCH_FILE = "steer_bench.jsonl"
+REJECTED_FILE = "rejected.jsonl"
+CAPTIONS_FILE = "captions.json"  # image ref -> caption, for text-only students and tutors
+
+# Stage II (02_sft_bootstrap).
+TRAINER_STATE = "trainer_state.json"
+
+# Stage III (03_grpo_tutor_tcsr).
+METRICS_FILE = "metrics.jsonl"  # one line of rollout metrics per GRPO step
+TRAJECTORIES_FILE = "trajectories.jsonl"  # every rolled-out trajectory, as text with its scores
+
+# Stage IV (04_steer_bench_analysis) and any evaluation run.
+DIALOGUES_FILE = "dialogues.jsonl"
+
+# The pipeline (steerkit run).
+PIPELINE_MANIFEST = "pipeline.json"
