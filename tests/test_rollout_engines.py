@@ -150,6 +150,49 @@ def contract_vllm_generation(model: Any, processor: Any, accelerator: Any, *, te
     return vg
 
 
+class ContractVLLMClient:
+    """TRL 1.16 ``VLLMClient``'s ``image_features`` and ``generate`` (the server side of ``trl vllm-serve``).
+
+    Features are opaque to the trainer except ``mm_placeholders``, which TRL re-points at the image
+    tokens of each prompt; this double keeps the images in them to sample with `ContractLLM`.
+    """
+
+    def __init__(self, llm: ContractLLM) -> None:
+        self.llm = llm
+        self.requests: list[dict[str, Any]] = []
+
+    def image_features(self, images: list[list | None], max_concurrent_requests: int = 64) -> list[dict | None]:
+        return [{"mm_placeholders": {"image": [{"offset": 0, "length": 1}] * len(imgs)}, "images": imgs}
+                if imgs else None for imgs in images]
+
+    def generate(self, prompts: list[list[int]], features: list[dict | None] | None = None, n: int = 1,
+                 repetition_penalty: float = 1.0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0, max_tokens: int = 16, logprobs: int | None = 0,
+                 structured_outputs_regex: str | None = None, generation_kwargs: dict | None = None) -> dict:
+        self.requests.append({"features": features, "generation_kwargs": generation_kwargs})
+        image_id = self.llm.proc.image_token_id
+        rows = []
+        for k, ids in enumerate(prompts):
+            f = features[k] if features else None
+            if f is not None:  # TRL placed one run of image tokens per image, at this prompt's own offsets
+                runs = f["mm_placeholders"]["image"]
+                assert len(runs) == len(f["images"])
+                assert all(set(ids[r["offset"]:r["offset"] + r["length"]]) == {image_id} for r in runs)
+            row = {"prompt_token_ids": ids}
+            if f is not None:
+                row["multi_modal_data"] = {"image": f["images"]}
+            rows.append(row)
+        sp = ContractSamplingParams(n=n, repetition_penalty=repetition_penalty, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, logprobs=logprobs,
+                                    **(generation_kwargs or {}))
+        outs = self.llm.generate(rows, sampling_params=sp, use_tqdm=False)
+        comps = [o.outputs[0] for o in outs]
+        return {"prompt_ids": [o.prompt_token_ids for o in outs], "completion_ids": [c.token_ids for c in comps],
+                "logprobs": [[[lp[t].logprob] for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+                             for c in comps],
+                "logprob_token_ids": [[[t] for t in c.token_ids] for c in comps]}
+
+
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
@@ -233,6 +276,33 @@ def test_both_engines_give_the_same_rows_on_the_tiny_vlm(tiny, rl_set, monkeypat
         assert max(abs(a - b) for a, b in zip(v.logprobs, g.logprobs, strict=True)) < 1e-6
         assert v.user_turns == g.user_turns and v.ended == g.ended
         assert all(lp == 0.0 for lp, m in zip(v.logprobs, v.env_mask, strict=True) if m == 0)
+
+
+def test_server_mode_sends_images_as_features_placed_on_each_prompt(tiny, rl_set, monkeypatch):
+    """TRL's server branch (gather, image features placed on the prompt's image tokens, broadcast) carries
+    the multi-turn prompts, and the rows equal the colocate engine's."""
+    import torch
+    from accelerate import Accelerator
+
+    model, proc = tiny
+    scripts, root = rl_set
+    samples = samples_from(rl_rows(scripts[:2], root, vision=True), k=2)
+    cfg = RolloutConfig(max_turns=3, max_new_tokens=10, feedback=False, reuse_cache=False)
+    vg = contract_vllm_generation(model, proc, Accelerator(cpu=True), max_completion_length=10,
+                                  monkeypatch=monkeypatch)
+    torch.manual_seed(5)
+    colocated = rollout(samples, model=model, processing_class=proc, tutor=rules_tutor(), config=cfg,
+                        engine=engine_over(model, proc, vg))
+    vg.mode, vg.vllm_client = "server", ContractVLLMClient(vg.llm)
+    torch.manual_seed(5)
+    served = rollout(samples, model=model, processing_class=proc, tutor=rules_tutor(), config=cfg,
+                     engine=engine_over(model, proc, vg))
+    client = vg.vllm_client
+    assert len(client.requests) == 3 and all(len(r["features"]) == 4 for r in client.requests)
+    assert client.requests[0]["generation_kwargs"]["logit_bias"][model.config.image_token_id] == SUPPRESS_BIAS
+    for c, s in zip(colocated, served, strict=True):
+        assert (s.prompt_ids, s.completion_ids, s.env_mask) == (c.prompt_ids, c.completion_ids, c.env_mask)
+        assert max(abs(a - b) for a, b in zip(s.logprobs, c.logprobs, strict=True)) < 1e-6
 
 
 def test_a_collective_call_is_padded_to_the_widest_process(monkeypatch):
