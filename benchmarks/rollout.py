@@ -2,6 +2,7 @@
 
     python benchmarks/rollout.py                                  # SmolLM2 and the tiny VLM, 8 and 32
     python benchmarks/rollout.py --models smollm2 --trajectories 8 --turns 5 --tokens 32
+    python benchmarks/rollout.py --engine vllm --modes sequential batched   # GPU, vLLM installed
 
 The same trajectories (RL prompts from packaged seeds, each repeated K times as GRPO does; static
 next turns, so every mode plays the same user turns; the offline ``rules`` tutor grades each turn)
@@ -13,6 +14,11 @@ are rolled out by:
   trajectories, re-encoding every history each turn (``reuse_cache=False``);
 - ``batched``: the engine's default, which keeps the KV cache between turns;
 - ``batched, bf16 copy``: the same, sampling from a bfloat16 copy of the weights.
+
+``--engine vllm`` runs the ``batched`` mode through the vLLM turn engine instead
+(`steerkit.rollout_vllm.VLLMTurns` over TRL's ``VLLMGeneration`` in colocate mode, as GRPO with
+``use_vllm=True`` does); ``sequential`` stays transformers ``generate``, so the ratio is vLLM's gain.
+It needs vLLM (the GPU environment, environment.yml) and exits with a message where it is missing.
 
 Tokens per second count the student tokens kept in the trajectories (up to each answer's stop
 token), so a batched run is not credited for the padding it decodes after a row has stopped. The
@@ -26,8 +32,10 @@ The tiny VLM is random-initialised (it rarely samples its stop token, so its ans
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,11 +57,11 @@ def samples_for(model_name: str, n: int, turns: int, root: Path) -> list:
 
 
 def timed(label: str, samples: list, model, proc, *, turns: int, tokens: int, batched: bool,
-          reuse_cache: bool = True, dtype: str | None = None, seed: int = 0) -> dict:
+          reuse_cache: bool = True, dtype: str | None = None, seed: int = 0, engine=None) -> dict:
     import torch
 
-    from steerkit.rollout import RolloutConfig, rollout
     from steerkit.roles import Roles
+    from steerkit.rollout import RolloutConfig, rollout
 
     cfg = RolloutConfig(max_turns=turns, max_new_tokens=tokens, feedback=False, reuse_cache=reuse_cache,
                         generation_dtype=dtype)
@@ -61,7 +69,7 @@ def timed(label: str, samples: list, model, proc, *, turns: int, tokens: int, ba
     torch.manual_seed(seed)
     start = time.perf_counter()
     if batched:
-        trajs = rollout(samples, model=model, processing_class=proc, tutor=tutor, config=cfg)
+        trajs = rollout(samples, model=model, processing_class=proc, tutor=tutor, config=cfg, engine=engine)
     else:
         trajs = [t for s in samples for t in rollout([s], model=model, processing_class=proc, tutor=tutor, config=cfg)]
     wall = time.perf_counter() - start
@@ -100,7 +108,23 @@ def decode_step_gain(model, n: int, *, context: int = 256, steps: int = 20) -> d
             "gain": round(n * one / many, 2)}
 
 
-def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str]) -> list[dict]:
+def vllm_turns(model, proc, *, tokens: int):
+    """The vLLM turn engine over TRL's VLLMGeneration (colocate: an in-process vllm.LLM on the checkpoint)."""
+    from accelerate import Accelerator
+    from trl.generation import VLLMGeneration
+
+    from steerkit.models import vision_pad_token_ids
+    from steerkit.rollout import _stop_ids, _tokenizer
+    from steerkit.rollout_vllm import VLLMTurns
+
+    vg = VLLMGeneration(model=model, accelerator=Accelerator(), processing_class=proc, mode="colocate",
+                        gpu_memory_utilization=0.5, max_completion_length=tokens, top_k=0, logprobs=0)
+    return VLLMTurns(vg, num_processes=1, stop=_stop_ids(model, _tokenizer(proc)),
+                     suppress=vision_pad_token_ids(model.config))
+
+
+def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str],
+        engine: str = "generate") -> list[dict]:
     from steerkit.models import build_tiny_vlm, load_student
 
     if model_name == "smollm2":
@@ -108,20 +132,23 @@ def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: 
     else:
         model, proc = load_student(str(build_tiny_vlm(root / "tiny-vlm")))
     model.eval()
+    if engine == "vllm" and model.device.type != "cuda":
+        model.to("cuda")
+    turn_engine = vllm_turns(model, proc, tokens=tokens) if engine == "vllm" else None
     samples = samples_for(model_name, n, turns, root)
     # one short warm-up so the first timed mode does not pay for lazy initialisation
-    timed("warm-up", samples[:2], model, proc, turns=1, tokens=4, batched=True)
+    timed("warm-up", samples[:2], model, proc, turns=1, tokens=4, batched=True, engine=turn_engine)
     plan = {
         "sequential": {"batched": False, "reuse_cache": False},
         "batched, re-encode": {"batched": True, "reuse_cache": False},
-        "batched": {"batched": True},
+        "batched": {"batched": True, "engine": turn_engine},
         "batched, bf16 copy": {"batched": True, "dtype": "bfloat16"},
     }
     rows, base = [], None
     for m in modes:  # sequential first: the others are printed as ratios to it
         r = timed(m, samples, model, proc, turns=turns, tokens=tokens, **plan[m])
         base = r["tokens_per_s"] if m == "sequential" else base
-        r.update(model=model_name, trajectories=n, ratio=round(r["tokens_per_s"] / base, 2) if base else None)
+        r.update(model=model_name, trajectories=n, engine="generate" if m == "sequential" else engine, ratio=round(r["tokens_per_s"] / base, 2) if base else None)
         print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
               f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
         rows.append(r)
@@ -142,15 +169,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="student tokens per turn (at most)")
     ap.add_argument("--modes", nargs="+", default=["sequential", "batched, re-encode", "batched"],
                     help='also "batched, bf16 copy" (slow on CPUs without bf16 matrix units)')
+    ap.add_argument("--engine", choices=["generate", "vllm"], default="generate",
+                    help="the turn engine of the batched mode (vllm: GPU with vLLM installed)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args()
+    if args.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            sys.exit("--engine vllm needs vLLM, which is not installed here: use the GPU environment"
+                     " (conda env create -f environment.yml, which pins vllm==0.30.0)")
+        if set(args.modes) - {"sequential", "batched"}:
+            ap.error('--engine vllm runs the modes "sequential" and "batched" only')
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads,"
           f" load average {os.getloadavg()[0]:.2f}; {args.turns} turns, <= {args.tokens} tokens a turn")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models:
             for n in args.trajectories:
-                out += run(model_name, n, turns=args.turns, tokens=args.tokens, root=Path(tmp), modes=args.modes)
+                out += run(model_name, n, turns=args.turns, tokens=args.tokens, root=Path(tmp), modes=args.modes,
+                           engine=args.engine)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

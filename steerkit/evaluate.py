@@ -200,6 +200,7 @@ def evaluate(
     prompt: str = JUDGE_PROMPT,
     chunk_size: int = CHUNK_SIZE,
     risk_scale: tuple[float, float] = RISK_SCALE,
+    served: Mapping[str, Any] | None = None,
 ) -> list[Dialogue]:
     """Replay ``items`` with ``student``, judge every turn with ``judge``; results stream into ``run``.
 
@@ -214,6 +215,8 @@ def evaluate(
         max_turns: turns played at most per item (later static turns are dropped and counted).
         chunk_size: items played together and written together.
         risk_scale: the scale of the items' ``risk_trajectory`` (read by the rules judge only).
+        served: when ``student`` is a server serving a checkpoint, its checkpoint, URL and served
+            model id (`steerkit.served.served_students`), recorded as ``evaluation.served``.
 
     Returns:
         The evaluated dialogues in the order of ``items``, finished ones from earlier attempts included.
@@ -240,6 +243,7 @@ def evaluate(
         "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling), "image_root": str(root or ""),
         # SPEC 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy.
         "judge_retries": judge.retry.max_retries,
+        "served": dict(served) if served else None,
     }
     log.info("evaluate: %d items, %d already done, %d to play", len(items), len(items) - len(todo), len(todo))
     run.update_manifest(evaluation={**settings, "status": "running"})

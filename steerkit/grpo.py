@@ -2,7 +2,8 @@
 
 - `TutorRollout` + `TutorGRPOTrainer`: the adapter to TRL 1.16 ``GRPOTrainer``'s experimental
   ``rollout_func(prompts, trainer)``. It receives the prompts already repeated K times (B x K rows;
-  images only from the initial prompt), rolls them out with `steerkit.rollout.rollout` and returns
+  images only from the initial prompt), rolls them out with `steerkit.rollout.rollout` (through
+  `steerkit.rollout_vllm` when ``use_vllm`` is set, transformers ``generate`` otherwise) and returns
   ``prompt_ids``, ``completion_ids`` (the whole multi-turn continuation), ``logprobs``, ``env_mask`` and
   the per-turn tutor scores as extra columns that `steerkit.rewards.TrajectoryReward` folds into TCSR.
   This is the only module that touches TRL's experimental hooks.
@@ -106,9 +107,14 @@ class TutorRollout:
         cfg = RolloutConfig(**{**asdict(self.config), "temperature": trainer.temperature, "top_p": trainer.top_p})
         was_training = model.training
         model.eval()
+        engine = None
+        if getattr(trainer.args, "use_vllm", False):
+            from steerkit.rollout_vllm import vllm_engine
+
+            engine = vllm_engine(trainer, model)
         try:
             trajs = rollout(samples, model=model, processing_class=trainer.processing_class, tutor=self.tutor,
-                            config=cfg)
+                            config=cfg, engine=engine)
         finally:
             model.train(was_training)
         self.calls += 1

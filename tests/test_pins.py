@@ -28,6 +28,13 @@ UNSLOTH_BOUNDS = {
 #: What the main stack needs (STACK: TRL 1.15's GRPO crashes on CPU; TRL refuses assistant-only loss
 #: for vision data below transformers 5.18).
 MAIN_FLOORS = {"trl": Version("1.16"), "transformers": Version("5.18")}
+#: GPU-only packages: in environment.yml, never in pyproject.toml (the CPU stack).
+GPU_ONLY = {"vllm"}
+#: vLLM 0.27-0.32 pin torch 2.13; 0.31 caps transformers below 5.18 and 0.32 below 5.20; TRL 1.16's own
+#: extra accepts vllm>=0.22,<=0.31. So 0.30.0 is the newest release that fits the main stack.
+VLLM_PIN = Version("0.30.0")
+VLLM_FITS = {"torch": SpecifierSet("==2.13.*"), "trl": SpecifierSet(">=1.16,<1.17"),
+             "transformers": SpecifierSet(">=5.18")}
 
 
 def _reqs(lines: list[str]) -> dict[str, Requirement]:
@@ -65,8 +72,18 @@ def test_main_environment_has_the_pyproject_pins() -> None:
     runtime = _reqs(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
     assert set(runtime) <= set(main), f"missing from environment.yml: {sorted(set(runtime) - set(main))}"
     for name, req in main.items():
+        if name in GPU_ONLY:
+            continue
         assert name in py, f"environment.yml pins {name}, which pyproject.toml does not list"
         assert req.specifier == py[name].specifier, f"{name}: {req} vs pyproject {py[name]}"
+
+
+def test_gpu_environment_pins_the_vllm_that_fits_the_stack() -> None:
+    main, py = conda_pip("environment.yml"), pyproject()
+    assert pinned(main["vllm"]) == VLLM_PIN
+    assert GPU_ONLY.isdisjoint(py), "the CPU stack (pyproject.toml) must not require vLLM"
+    for name, fits in VLLM_FITS.items():
+        assert fits.contains(pinned(main[name])), f"vllm {VLLM_PIN} does not fit {main[name]}"
 
 
 def test_main_stack_is_new_enough() -> None:
