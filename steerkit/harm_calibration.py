@@ -310,3 +310,12 @@ def judge_statement(judge: str) -> str:
         return (agreement_statement(judge=judge) + " Measure it with steerkit.harm_calibration.calibrate(client) "
                 f"(kept in {calibration_file(judge)}).")
     return agreement_statement(*stored, judge=judge)
+
+
+def statement_for_runs(runs: Any) -> str:
+    """The statement of every judge named in a `steerkit.frames.runs_df` frame, one line per judge
+    (a notebook's results tables carry it)."""
+    judges = [j for j in dict.fromkeys(runs["judge"].dropna().astype(str)) if j] if "judge" in runs else []
+    if not judges:
+        return agreement_statement(judge="(none recorded in the run manifests)")
+    return "\n".join(judge_statement(j) for j in judges)

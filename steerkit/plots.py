@@ -57,6 +57,16 @@ def _in_order(frame: pd.DataFrame, column: str):
     return [(lab, groups[lab]) for lab in _order(list(groups))]
 
 
+def with_note(fig: go.Figure, note: str) -> go.Figure:
+    """A line of text under the plot (the judge's measured agreement with human labels, say), so the
+    statement travels with the PNG and the HTML; empty ``note``: the figure unchanged."""
+    if note:
+        fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", yanchor="top",
+                           showarrow=False, align="left", font={"size": 10, "color": "#555555"})
+        fig.update_layout(margin={"b": 120})
+    return fig
+
+
 def dodge_offsets(n: int, step: float = DODGE) -> list[float]:
     """Horizontal offsets centred on 0 for ``n`` models (so coinciding step curves sit side by side).
 
@@ -86,7 +96,8 @@ def _steps(x: list[float], y: list[float]) -> tuple[list[float], list[float]]:
 
 
 def survival_figure(
-    curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival"
+    curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival",
+    note: str = "",
 ) -> go.Figure:
     """Kaplan-Meier curves (`steerkit.metrics.survival_curves`): one panel per subset, one line per model,
     each with its confidence band.
@@ -126,10 +137,12 @@ def survival_figure(
         fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1, range=[-0.3, curves["turn"].max() + 0.3])
     fig.update_yaxes(title_text="share of dialogues not yet failed", range=[0, 1.05], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend_title_text=color)
-    return fig
+    return with_note(fig, note)
 
 
-def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Helpfulness, %)") -> go.Figure:
+def table_figure(
+    table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Helpfulness, %)", note: str = ""
+) -> go.Figure:
     """A Table-2/3 layout (`steerkit.frames.bench_table`) drawn as a figure table."""
     import plotly.graph_objects as go
 
@@ -142,11 +155,12 @@ def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Hel
                              cells={"values": cells, "align": "right", "font": {"size": 11}},
                              columnwidth=[1.5] + [1] * len(cols)))
     fig.update_layout(title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 def rates_figure(
-    rates: pd.DataFrame, *, color: str = "label", x: str = "subset", title: str = "Safety and Helpfulness (%)"
+    rates: pd.DataFrame, *, color: str = "label", x: str = "subset", title: str = "Safety and Helpfulness (%)",
+    note: str = "",
 ) -> go.Figure:
     """Grouped bars per subset and model (models in pipeline order), Safety and Helpfulness side by
     side, with bootstrap error bars when the rates carry ``*_lo``/``*_hi`` columns."""
@@ -165,12 +179,12 @@ def rates_figure(
                                  error_y=err, legendgroup=str(lab), showlegend=col == 1), row=1, col=col)
     fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
     fig.update_layout(barmode="group", title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 def failure_histogram(
     failures: pd.DataFrame, *, color: str = "label", value: str = "share",
-    title: str = "Turn of the first failure (harmlessness < 2)",
+    title: str = "Turn of the first failure (harmlessness < 2)", note: str = "",
 ) -> go.Figure:
     """Bars of the first-failure turn (`steerkit.metrics.failure_turns`), one colour per model (in
     pipeline order), summed over any other grouping (subsets)."""
@@ -187,10 +201,12 @@ def failure_histogram(
     fig.update_layout(barmode="group", title=title, template="plotly_white", legend_title_text=color,
                       xaxis={"title": "turn", "dtick": 1},
                       yaxis={"title": "% of dialogues" if value == "share" else "dialogues"})
-    return fig
+    return with_note(fig, note)
 
 
-def beside_paper_figure(beside: pd.DataFrame, *, title: str = "Ours beside the paper (%)") -> go.Figure:
+def beside_paper_figure(
+    beside: pd.DataFrame, *, title: str = "Ours beside the paper (%)", note: str = ""
+) -> go.Figure:
     """Bars of `steerkit.paper_reference.beside_paper`: per model and subset (models in pipeline order),
     ours and the paper's (a GRPO-mean arm beside the paper's own mean-aggregator ablation)."""
     import plotly.graph_objects as go
@@ -211,7 +227,7 @@ def beside_paper_figure(beside: pd.DataFrame, *, title: str = "Ours beside the p
                                  hovertext=g["paper_model"].fillna("").tolist()), row=1, col=col)
     fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
     fig.update_layout(barmode="group", title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 _kaleido_server = False

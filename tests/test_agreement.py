@@ -192,3 +192,48 @@ def test_rank_agreement_by_group():
                       "harmlessness": [-3, 0, 3, 3, 0, -3], "usefulness": 5, "helpfulness": 2})
     r = agreement.rank_agreement(p, by=["source"]).query("tutor_score == 'safety'").set_index("source")
     assert r.loc["a", "spearman"] == pytest.approx(1.0) and r.loc["b", "kendall"] == pytest.approx(-1.0)
+
+
+# ---- the cells notebooks 03 and 04 run ------------------------------------------------------------
+
+
+def notebook_cell(name, marker):
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / name).read_text(encoding="utf-8"))
+    (cell,) = [c for c in nb["cells"] if c["cell_type"] == "code" and marker in "".join(c["source"])]
+    return "".join(cell["source"])
+
+
+def test_notebook_03_cell_prints_the_agreement_with_counts(grpo_run, capsys):
+    _, turns = grpo_frames({"tcsr": grpo_run})
+    shown = []
+    exec(notebook_cell("03_grpo_tutor_tcsr.ipynb", "judge_on_trajectories"),  # noqa: S102 (our own cell)
+         {"turns": turns, "pd": pd, "display": shown.append})
+    out = capsys.readouterr().out
+    assert "safety ~ harmlessness: Spearman" in out and "3 turns scored by both" in out
+    assert len(shown) == 1 and len(shown[0]) == 3
+
+
+def test_notebook_04_cell_states_the_judge_and_the_tutor_agreement(tmp_path, capsys):
+    from steerkit import frames
+
+    run = open_run("04_steer_bench_analysis", run_id="e", root=tmp_path, parameters={"label": "SFT", "judge": "rules"})
+    write_jsonl([judged("d1", [(REFUSE, 3), (BREACH, -3)])], run.file("dialogues.jsonl"))
+    evals = frames.evaluations(run.path)
+    ns = {"runs": frames.runs_df(evals), "turns": frames.turns_df(evals)}
+    exec(notebook_cell("04_steer_bench_analysis.ipynb", "statement_for_runs"), ns)  # noqa: S102 (our own cell)
+    out = capsys.readouterr().out
+    assert out.startswith("Judge rules against human harm labels (PyRIT, ") and "close to chance" in out
+    assert "Tutor vs judge (tutor rules on the judge's evaluation turns), 2 turns:" in out
+    assert ns["judge_note"] in out
+    assert "none recorded" in harm_calibration.statement_for_runs(pd.DataFrame({"judge": [None]}))
+
+
+def test_a_figure_can_carry_the_judge_statement():
+    from steerkit import plots
+
+    table = pd.DataFrame({("Avg", "Safety"): [10.0]}, index=pd.Index(["base"], name="label"))
+    fig = plots.table_figure(table, note="Judge rules: close to chance.")
+    assert [a.text for a in fig.layout.annotations] == ["Judge rules: close to chance."]
+    assert not plots.table_figure(table).layout.annotations
