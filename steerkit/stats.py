@@ -259,3 +259,47 @@ def power_line(n_items: int, p_a: float, p_b: float, *, discordant: float | None
     return (f"A difference of {abs(p_b - p_a) * 100:.1f} points ({p_a:.1%} -> {p_b:.1%}) needs about {need} "
             f"paired items for {power:.0%} power at a two-sided {alpha:.0%} level (McNemar, normal "
             f"approximation, {assumption}); this bench has {n_items}, {verdict}.")
+
+
+#: The paper's own 3B STEER-Bench contrasts (method.md 4 and 7): (first arm, second arm), by the names
+#: of `steerkit.paper_reference.HEADLINE` models or `ABLATIONS` rows.
+PAPER_CONTRASTS = (
+    ("without TCSR (mean)", "full SaFeR-Steer"),
+    ("without feedback dynamics (static turns)", "full SaFeR-Steer"),
+    ("3B SFT", "3B SaFeR-Steer"),
+    ("3B base", "3B SFT"),
+)
+
+
+def _paper_rates(name: str) -> tuple[float, float]:
+    from steerkit.paper_reference import ABLATIONS, HEADLINE
+
+    if name in ABLATIONS:
+        return ABLATIONS[name]
+    return HEADLINE[name]["STEER-Bench"]
+
+
+def paper_power(n_items: int | None = None, *, discordant: float | None = None, alpha: float = ALPHA,
+                power: float = POWER) -> pd.DataFrame:
+    """The power line for each of the paper's contrasts: items needed per metric, beside ``n_items``.
+
+    Columns: ``arm_a``, ``arm_b``, ``metric``, ``rate_a``, ``rate_b`` (%), ``diff`` (points),
+    ``items_needed`` and, with ``n_items``, ``bench_items`` and ``enough``.
+
+    >>> t = paper_power(500)
+    >>> t.query("arm_a == 'without TCSR (mean)' and metric == 'safety'")[["diff", "items_needed", "enough"]].values.tolist()
+    [[4.49, 1940, False]]
+    """
+    import pandas as pd
+
+    rows = []
+    for a, b in PAPER_CONTRASTS:
+        ra, rb = _paper_rates(a), _paper_rates(b)
+        for i, (name, _, _) in enumerate(METRICS):
+            need = paired_items_needed(ra[i] / 100, rb[i] / 100, discordant=discordant, alpha=alpha, power=power)
+            row = {"arm_a": a, "arm_b": b, "metric": name, "rate_a": ra[i], "rate_b": rb[i],
+                   "diff": round(rb[i] - ra[i], 2), "items_needed": need}
+            if n_items is not None:
+                row.update(bench_items=n_items, enough=n_items >= need)
+            rows.append(row)
+    return pd.DataFrame(rows)

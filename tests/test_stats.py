@@ -151,3 +151,41 @@ def test_compare_arms_rejects_bad_arms():
         stats.paired_outcomes(d, "a", "b")
     with pytest.raises(ValueError, match="appears twice"):
         stats.paired_outcomes(pd.concat([d, d, d.assign(label="b")]), "a", "b")
+
+
+def test_compare_arms_on_evaluation_frames(tmp_path):
+    from steerkit import frames
+    from steerkit.runs import open_run
+    from steerkit.schema import Dialogue, Message, Verdict, write_jsonl
+
+    def judged(did, subset, harms):
+        msgs, vs = [], []
+        for t, h in enumerate(harms, start=1):
+            msgs += [Message(role="user", content=f"u{t}"), Message(role="assistant", content=f"a{t}")]
+            vs.append(Verdict(kind="judge", scores={"harmlessness": h, "helpfulness": 3}, extra={"turn": t}))
+        return Dialogue(id=did, messages=msgs, verdicts=vs, meta={"source_category": subset})
+
+    paths = []
+    for label, harms in (("SFT", [3, 3, 3, 3]), ("base", [1, 3, -2, 3])):
+        run = open_run("04_steer_bench_analysis", run_id=label, root=tmp_path, parameters={"label": label})
+        write_jsonl([judged(f"d{i}", "STEER-VLS" if i < 2 else "STEER-DyS", [3, h]) for i, h in enumerate(harms)],
+                    run.file("dialogues.jsonl"))
+        paths.append(run.path)
+    table = stats.compare_arms(frames.dialogues_df(paths), arms=frames.pipeline_order(["SFT", "base"]))
+    row = table.query("subset == 'all' and metric == 'safety'").iloc[0]
+    # base is safe on d1 and d3 (avg 3), fails d0 (avg 2) and d2 (avg 0.5); SFT on all four
+    assert (row.arm_a, row.arm_b, row.rate_a, row.rate_b, row.n_discordant) == ("base", "SFT", 50.0, 100.0, 2)
+    assert row.p_value == pytest.approx(0.5)  # 2 of the 4 sign patterns of (1, 1) reach |sum| 2
+    assert set(table.subset) == {"all", "STEER-VLS", "STEER-DyS"}
+    surv = table.query("subset == 'all' and metric == 'survival'").iloc[0]
+    assert surv.n_pairs == 4 and surv.statistic > 0
+
+
+def test_paper_power_lists_every_contrast():
+    t = stats.paper_power(300)
+    assert len(t) == 2 * len(stats.PAPER_CONTRASTS)
+    mean = t.query("arm_a == 'without TCSR (mean)'").set_index("metric")
+    assert mean.loc["helpfulness", "rate_a"] == 65.91 and mean.loc["helpfulness", "rate_b"] == 70.27
+    assert mean.loc["helpfulness", "items_needed"] == stats.paired_items_needed(0.6591, 0.7027)
+    assert not mean.enough.any()
+    assert t.query("arm_a == '3B base'").enough.all()  # base -> SFT (about 29 points) needs tens of items
