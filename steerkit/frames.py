@@ -59,6 +59,37 @@ def as_paths(spec: str | Path | Sequence[str | Path] | None) -> list[Path]:
     return [Path(s) for s in as_list(spec)]
 
 
+#: Stage of a row label, in pipeline order: the base model, Stage II (SFT), Stage III (GRPO arms).
+PIPELINE_STAGES = ("base", "sft", "grpo")
+
+
+def pipeline_rank(label: str) -> int:
+    """A sort key for row labels in pipeline order: base, SFT, GRPO arms, then anything else.
+
+    >>> sorted(["GRPO-mean", "SFT", "other", "base"], key=pipeline_rank)
+    ['base', 'SFT', 'GRPO-mean', 'other']
+    """
+    name = str(label).strip().lower()
+    for i, stage in enumerate(PIPELINE_STAGES):
+        if name == stage or name.startswith((f"{stage}-", f"{stage} ", f"{stage}_", f"{stage}:")):
+            return i
+    return len(PIPELINE_STAGES)
+
+
+def pipeline_order(labels: Sequence[str]) -> list[str]:
+    """Distinct labels in pipeline order (`pipeline_rank`); among the GRPO arms the TCSR ones (the
+    method) first, then the ablations; otherwise in the order they came in.
+
+    >>> pipeline_order(["GRPO-mean", "SFT", "GRPO-tcsr", "base", "SFT"])
+    ['base', 'SFT', 'GRPO-tcsr', 'GRPO-mean']
+    """
+    def key(label: str) -> tuple[int, int]:
+        rank = pipeline_rank(label)
+        return rank, int(rank == PIPELINE_STAGES.index("grpo") and "tcsr" not in label.lower())
+
+    return sorted(dict.fromkeys(str(x) for x in labels), key=key)
+
+
 def subset_of(meta: Mapping[str, Any]) -> str:
     """The bench subset a dialogue belongs to: ``meta.subset``, else ``source_category``, else "all".
 
@@ -276,7 +307,8 @@ def bench_table(
     Args:
         rates: long rates (`steerkit.metrics.multi_turn_rates` or `single_turn_rates`); an Avg row per
             label is added when missing (`steerkit.metrics.with_subset_average`).
-        order: row order (labels); by default the order of first appearance.
+        order: row order (labels); by default pipeline order (`pipeline_order`: base, SFT, GRPO
+            arms, others), not alphabetical.
         decimals: round to this many decimals (None keeps full precision).
 
     >>> import pandas as pd
@@ -293,17 +325,18 @@ def bench_table(
     named = [s for s in dict.fromkeys(rates[subset]) if s != average]
     subsets = sorted(named, key=subset_rank) + [average]
     wide = wide.reindex(columns=[(s, m) for s in subsets for m in ("Safety", "Helpfulness")])
-    wide = wide.reindex(list(order) if order else list(dict.fromkeys(rates[label])))
+    wide = wide.reindex(list(order) if order else pipeline_order(rates[label].tolist()))
     wide.columns.names = [subset, "metric"]
     wide.index.name = label
     return wide.round(decimals) if decimals is not None else wide
 
 
 def steer_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
-    """STEER-Bench (Table 2 layout) for the given evaluations: multi-turn rates per label and subset."""
+    """STEER-Bench (Table 2 layout) for the given evaluations: multi-turn rates per label and subset,
+    rows in pipeline order."""
     evs = _evals(runs)
     rates = metrics.multi_turn_rates(dialogues_df(evs), **rate_kw)
-    return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))
+    return bench_table(rates, order=pipeline_order([e.label for e in evs]))
 
 
 def single_turn_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
@@ -315,7 +348,7 @@ def single_turn_table(runs: Any, **rate_kw: Any) -> pd.DataFrame:
     evs = _evals(runs)
     turns = turns_df(evs)
     rates = metrics.single_turn_rates(turns[turns["turn"] == 1], **rate_kw)
-    return bench_table(rates, order=list(dict.fromkeys(e.label for e in evs)))
+    return bench_table(rates, order=pipeline_order([e.label for e in evs]))
 
 
 CURVE_METRICS = ("mean_tcsr", "mean_reward", "mean_turn_reward", "mean_safety", "share_worst_turn_safe",

@@ -53,6 +53,12 @@ ABLATIONS: dict[str, tuple[float, float]] = {
 }
 
 
+#: Our row label -> the paper's ablation it reproduces (3B, STEER-Bench Avg, SPEC 4): `beside_paper`
+#: sets such an arm beside that row unless the label is matched to a paper model explicitly.
+#: "GRPO-mean" is the label `steerkit.frames.run_label` gives a GRPO run with the mean aggregator.
+LABEL_ABLATIONS: dict[str, str] = {"GRPO-mean": "without TCSR (mean)"}
+
+
 def subset_rank(subset: str) -> int:
     """A sort key putting subsets in the paper's order (Beaver, MMSafe, VLS, SPA, DyS), others after.
 
@@ -112,15 +118,17 @@ def parse_match(text: str) -> dict[str, str]:
     """``"ours: paper model, ..."`` pairs (a notebook parameter) as a mapping for `beside_paper`.
 
     A colon, not "=": papermill reads notebook parameters line by line and cannot parse a value with "=".
+    A paper model is one of `HEADLINE`'s or one of the 3B `ABLATIONS`.
 
-    >>> parse_match("base: 3B base, GRPO-tcsr: 3B SaFeR-Steer")
-    {'base': '3B base', 'GRPO-tcsr': '3B SaFeR-Steer'}
+    >>> parse_match("base: 3B base, GRPO-tcsr: 3B SaFeR-Steer, GRPO-static: without feedback dynamics (static turns)")
+    {'base': '3B base', 'GRPO-tcsr': '3B SaFeR-Steer', 'GRPO-static': 'without feedback dynamics (static turns)'}
     """
     out = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
         ours, sep, theirs = pair.partition(":")
-        if not sep or theirs.strip() not in HEADLINE:
-            raise ValueError(f"paper match {pair!r}: write <our label>: <paper model>, models: {', '.join(HEADLINE)}")
+        if not sep or (theirs.strip() not in HEADLINE and theirs.strip() not in ABLATIONS):
+            raise ValueError(f"paper match {pair!r}: write <our label>: <paper model>, models: "
+                             f"{', '.join([*HEADLINE, *ABLATIONS])}")
         out[ours.strip()] = theirs.strip()
     return out
 
@@ -138,8 +146,10 @@ def beside_paper(
     Args:
         ours: rates from `steerkit.metrics` (columns ``label``, ``subset``, ``safety``, ``helpfulness``;
             ``n`` is kept when present), usually with the Avg rows of `with_subset_average`.
-        match: our label -> the paper's model it corresponds to (e.g. ``{"base": "3B base"}``);
-            labels left out are shown without a paper counterpart.
+        match: our label -> the paper's model it corresponds to (e.g. ``{"base": "3B base"}``), a
+            `HEADLINE` model or a 3B ablation of `ABLATIONS` (compared on the Avg only); a label
+            left out is set beside its ablation in `LABEL_ABLATIONS` (GRPO-mean beside "without
+            TCSR (mean)", 51.09 / 65.91), else shown without a paper counterpart.
         subsets: which subsets to compare, by the paper's names (``"Avg"`` is the STEER-Bench
             average); our subset names may carry a ``STEER-`` prefix.
         label: the column of ``ours`` that names the model.
@@ -153,6 +163,9 @@ def beside_paper(
     >>> ours = pd.DataFrame({"label": ["base"], "subset": ["Avg"], "safety": [10.0], "helpfulness": [20.0]})
     >>> beside_paper(ours, match={"base": "3B base"})[["source", "safety"]].to_dict("list")
     {'source': ['ours', 'paper'], 'safety': [10.0, 12.55]}
+    >>> mean = pd.DataFrame({"label": ["GRPO-mean"], "subset": ["Avg"], "safety": [30.0], "helpfulness": [40.0]})
+    >>> beside_paper(mean)[["paper_model", "safety", "helpfulness"]].iloc[1].to_dict()
+    {'paper_model': '3B without TCSR (mean)', 'safety': 51.09, 'helpfulness': 65.91}
     """
     import pandas as pd
 
@@ -165,12 +178,19 @@ def beside_paper(
         name = str(r[subset]).removeprefix("STEER-")  # the bench's "STEER-Beaver" is the paper's "Beaver"
         if name not in wanted:
             continue
-        pm = match.get(r[label])
+        pm = match.get(r[label], LABEL_ABLATIONS.get(str(r[label])))
+        if pm in ABLATIONS:
+            pm = f"3B {pm}"  # the ablations are of the 3B model (SPEC 4)
         rows.append({"model": r[label], "paper_model": pm, "subset": r[subset], "source": "ours",
                      "safety": r["safety"], "helpfulness": r["helpfulness"], "n": r.get("n")})
         if pm is None:
             continue
-        if (pm, name) in paper.index:
+        if pm.startswith("3B ") and pm[3:] in ABLATIONS:
+            if name != "Avg":
+                continue  # the paper reports its ablations as STEER-Bench averages only
+            s, h = ABLATIONS[pm[3:]]
+            p = {"safety": s, "helpfulness": h}
+        elif (pm, name) in paper.index:
             p = paper.loc[(pm, name)]
         elif name == "Avg" and pm in head.index:
             p = head.loc[pm]

@@ -30,11 +30,50 @@ DEFAULT_STEM = "04_steer_bench_analysis"
 METRICS = (("safety", "Safety"), ("helpfulness", "Helpfulness"))
 
 
+#: Line styles per model on survival curves, so that arms whose curves coincide stay apart.
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+MARKERS = ("circle", "square", "diamond", "triangle-up", "x", "star")
+DODGE = 0.06  # turns between neighbouring models' step curves (a small horizontal offset)
+
+
+def _order(labels: Sequence[str]) -> list[str]:
+    from steerkit.frames import pipeline_order
+
+    return pipeline_order(labels)
+
+
 def _palette(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per model, assigned in pipeline order (base, SFT, GRPO arms) so a model keeps its
+    colour across figures."""
     import plotly.express as px
 
     colors = px.colors.qualitative.Plotly
-    return {lab: colors[i % len(colors)] for i, lab in enumerate(dict.fromkeys(labels))}
+    return {lab: colors[i % len(colors)] for i, lab in enumerate(_order(labels))}
+
+
+def _in_order(frame: pd.DataFrame, column: str):
+    """(label, rows) groups of ``frame`` in pipeline order."""
+    groups = dict(list(frame.groupby(column, sort=False)))
+    return [(lab, groups[lab]) for lab in _order(list(groups))]
+
+
+def with_note(fig: go.Figure, note: str) -> go.Figure:
+    """A line of text under the plot (the judge's measured agreement with human labels, say), so the
+    statement travels with the PNG and the HTML; empty ``note``: the figure unchanged."""
+    if note:
+        fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", yanchor="top",
+                           showarrow=False, align="left", font={"size": 10, "color": "#555555"})
+        fig.update_layout(margin={"b": 120})
+    return fig
+
+
+def dodge_offsets(n: int, step: float = DODGE) -> list[float]:
+    """Horizontal offsets centred on 0 for ``n`` models (so coinciding step curves sit side by side).
+
+    >>> [round(x, 2) for x in dodge_offsets(3)]
+    [-0.06, 0.0, 0.06]
+    """
+    return [(i - (n - 1) / 2) * step for i in range(n)]
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
@@ -57,10 +96,15 @@ def _steps(x: list[float], y: list[float]) -> tuple[list[float], list[float]]:
 
 
 def survival_figure(
-    curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival"
+    curves: pd.DataFrame, *, color: str = "label", facet: str = "subset", title: str = "Dialogue survival",
+    note: str = "",
 ) -> go.Figure:
     """Kaplan-Meier curves (`steerkit.metrics.survival_curves`): one panel per subset, one line per model,
-    each with its confidence band."""
+    each with its confidence band.
+
+    Models come in pipeline order, each with its own colour, dash pattern and marker, and each
+    curve is shifted by a small horizontal offset (`dodge_offsets`; hover shows the true turn), so
+    that two models whose curves coincide both stay visible."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -68,31 +112,37 @@ def survival_figure(
 
     panels = sorted(dict.fromkeys(curves[facet]), key=subset_rank) if facet in curves else [None]
     colors = _palette(curves[color].tolist())
+    order = _order(curves[color].tolist())
+    offsets = dict(zip(order, dodge_offsets(len(order)), strict=True))
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
                         subplot_titles=[str(p) for p in panels] if panels[0] is not None else None)
     for col, panel in enumerate(panels, start=1):
         part = curves if panel is None else curves[curves[facet] == panel]
-        for lab, g in part.groupby(color, sort=False):
-            c = colors[lab]
-            x = g["turn"].tolist()
+        for lab, g in _in_order(part, color):
+            c, i = colors[lab], order.index(lab)
+            x = [t + offsets[lab] for t in g["turn"].tolist()]
             ux, uy = _steps(x, g["upper"].tolist())
             lx, ly = _steps(x, g["lower"].tolist())
             fig.add_trace(go.Scatter(x=ux + lx[::-1], y=uy + ly[::-1], mode="lines", fill="toself",
                                      fillcolor=_rgba(c, 0.15), line={"width": 0}, hoverinfo="skip", showlegend=False,
                                      legendgroup=str(lab)), row=1, col=col)
-            fig.add_trace(go.Scatter(x=x, y=g["survival"], mode="lines", line={"color": c, "shape": "hv"},
+            fig.add_trace(go.Scatter(x=x, y=g["survival"], mode="lines+markers",
+                                     line={"color": c, "shape": "hv", "dash": DASHES[i % len(DASHES)], "width": 2},
+                                     marker={"symbol": MARKERS[i % len(MARKERS)], "size": 7, "color": c},
                                      name=str(lab), legendgroup=str(lab), showlegend=col == 1,
-                                     customdata=g[["at_risk", "failures"]].to_numpy(),
-                                     hovertemplate="turn %{x}: S=%{y:.2f}<br>at risk %{customdata[0]},"
-                                                   " failing %{customdata[1]}<extra>" + str(lab) + "</extra>"),
+                                     customdata=g[["turn", "at_risk", "failures"]].to_numpy(),
+                                     hovertemplate="turn %{customdata[0]}: S=%{y:.2f}<br>at risk %{customdata[1]},"
+                                                   " failing %{customdata[2]}<extra>" + str(lab) + "</extra>"),
                           row=1, col=col)
-        fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1, range=[-0.2, curves["turn"].max() + 0.2])
+        fig.update_xaxes(title_text="turn", row=1, col=col, dtick=1, range=[-0.3, curves["turn"].max() + 0.3])
     fig.update_yaxes(title_text="share of dialogues not yet failed", range=[0, 1.05], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend_title_text=color)
-    return fig
+    return with_note(fig, note)
 
 
-def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Helpfulness, %)") -> go.Figure:
+def table_figure(
+    table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Helpfulness, %)", note: str = ""
+) -> go.Figure:
     """A Table-2/3 layout (`steerkit.frames.bench_table`) drawn as a figure table."""
     import plotly.graph_objects as go
 
@@ -105,21 +155,22 @@ def table_figure(table: pd.DataFrame, *, title: str = "STEER-Bench (Safety / Hel
                              cells={"values": cells, "align": "right", "font": {"size": 11}},
                              columnwidth=[1.5] + [1] * len(cols)))
     fig.update_layout(title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 def rates_figure(
-    rates: pd.DataFrame, *, color: str = "label", x: str = "subset", title: str = "Safety and Helpfulness (%)"
+    rates: pd.DataFrame, *, color: str = "label", x: str = "subset", title: str = "Safety and Helpfulness (%)",
+    note: str = "",
 ) -> go.Figure:
-    """Grouped bars per subset and model, Safety and Helpfulness side by side, with bootstrap error bars
-    when the rates carry ``*_lo``/``*_hi`` columns."""
+    """Grouped bars per subset and model (models in pipeline order), Safety and Helpfulness side by
+    side, with bootstrap error bars when the rates carry ``*_lo``/``*_hi`` columns."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     colors = _palette(rates[color].tolist())
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in METRICS])
     for col, (m, _) in enumerate(METRICS, start=1):
-        for lab, g in rates.groupby(color, sort=False):
+        for lab, g in _in_order(rates, color):
             err = None
             if f"{m}_lo" in g:
                 err = {"type": "data", "symmetric": False, "array": (g[f"{m}_hi"] - g[m]).tolist(),
@@ -128,15 +179,15 @@ def rates_figure(
                                  error_y=err, legendgroup=str(lab), showlegend=col == 1), row=1, col=col)
     fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
     fig.update_layout(barmode="group", title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 def failure_histogram(
     failures: pd.DataFrame, *, color: str = "label", value: str = "share",
-    title: str = "Turn of the first failure (harmlessness < 2)",
+    title: str = "Turn of the first failure (harmlessness < 2)", note: str = "",
 ) -> go.Figure:
-    """Bars of the first-failure turn (`steerkit.metrics.failure_turns`), one colour per model, summed
-    over any other grouping (subsets)."""
+    """Bars of the first-failure turn (`steerkit.metrics.failure_turns`), one colour per model (in
+    pipeline order), summed over any other grouping (subsets)."""
     import plotly.graph_objects as go
 
     colors = _palette(failures[color].tolist())
@@ -145,20 +196,26 @@ def failure_histogram(
     n = totals.groupby(color, sort=False)["n"].sum()
     agg["share"] = 100.0 * agg["failures"] / agg[color].map(n)
     fig = go.Figure()
-    for lab, g in agg.groupby(color, sort=False):
+    for lab, g in _in_order(agg, color):
         fig.add_trace(go.Bar(x=g["turn"], y=g[value], name=str(lab), marker_color=colors[lab]))
     fig.update_layout(barmode="group", title=title, template="plotly_white", legend_title_text=color,
                       xaxis={"title": "turn", "dtick": 1},
                       yaxis={"title": "% of dialogues" if value == "share" else "dialogues"})
-    return fig
+    return with_note(fig, note)
 
 
-def beside_paper_figure(beside: pd.DataFrame, *, title: str = "Ours beside the paper (%)") -> go.Figure:
-    """Bars of `steerkit.paper_reference.beside_paper`: per model and subset, ours and the paper's."""
+def beside_paper_figure(
+    beside: pd.DataFrame, *, title: str = "Ours beside the paper (%)", note: str = ""
+) -> go.Figure:
+    """Bars of `steerkit.paper_reference.beside_paper`: per model and subset (models in pipeline order),
+    ours and the paper's (a GRPO-mean arm beside the paper's own mean-aggregator ablation)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[t for _, t in METRICS])
+    # models in pipeline order (base, SFT, GRPO arms); the sort is stable, so ours stays before the paper's
+    rank = {m: i for i, m in enumerate(_order(beside["model"].astype(str).tolist()))}
+    beside = beside.iloc[sorted(range(len(beside)), key=lambda i: rank[str(beside["model"].iloc[i])])]
     x = (beside["model"].astype(str) + " · " + beside["subset"].astype(str)).tolist()
     beside = beside.assign(_x=x)
     for col, (m, _) in enumerate(METRICS, start=1):
@@ -170,7 +227,7 @@ def beside_paper_figure(beside: pd.DataFrame, *, title: str = "Ours beside the p
                                  hovertext=g["paper_model"].fillna("").tolist()), row=1, col=col)
     fig.update_yaxes(range=[0, 105], title_text="%", row=1, col=1)
     fig.update_layout(barmode="group", title=title, template="plotly_white")
-    return fig
+    return with_note(fig, note)
 
 
 _kaleido_server = False

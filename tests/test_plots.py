@@ -76,3 +76,50 @@ def test_save_figure_rejects_bad_names(tmp_path):
         plots.save_figure(go.Figure(), "../evil", out_dir=tmp_path, png=False)
     paths = plots.save_figure(go.Figure(), "html-only", out_dir=tmp_path, png=False)
     assert set(paths) == {"html", "sidecar"}
+
+
+ARMS = ["GRPO-mean", "GRPO-tcsr", "SFT", "base"]  # alphabetical, as groupby leaves them
+
+
+@pytest.fixture
+def four_arms(dialogues):
+    one = dialogues[dialogues.label == "SFT"]
+    return pd.concat([one.assign(label=lab) for lab in ARMS], ignore_index=True)
+
+
+def test_models_come_in_pipeline_order_not_alphabetical(four_arms):
+    assert frames.pipeline_order(ARMS) == ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]
+    rates = metrics.multi_turn_rates(four_arms)
+    assert rates.label.tolist()[:4] != ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]  # the frame is alphabetical
+    assert [t.name for t in plots.rates_figure(rates).data[:4]] == ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]
+    assert frames.bench_table(rates).index.tolist() == ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]
+    hist = plots.failure_histogram(metrics.failure_turns(four_arms, horizon=5))
+    assert [t.name for t in hist.data] == ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]
+    surv = plots.survival_figure(metrics.survival_curves(four_arms, by=("label",), horizon=5))
+    assert [t.name for t in surv.data if t.fill != "toself"] == ["base", "SFT", "GRPO-tcsr", "GRPO-mean"]
+
+
+def test_coinciding_survival_curves_stay_distinguishable(four_arms):
+    # four arms with identical dialogues: identical curves, which must not hide one another
+    fig = plots.survival_figure(metrics.survival_curves(four_arms, by=("label",), horizon=5))
+    lines = [t for t in fig.data if t.fill != "toself"]
+    assert len({tuple(t.y) for t in lines}) == 1  # the same survival values ...
+    assert len({t.line.dash for t in lines}) == 4 and len({t.marker.symbol for t in lines}) == 4
+    assert len({t.line.color for t in lines}) == 4
+    starts = sorted(t.x[0] for t in lines)  # ... drawn side by side, a small offset apart
+    assert starts == pytest.approx([-0.09, -0.03, 0.03, 0.09])
+    assert [row[0] for row in lines[0].customdata] == list(range(5))  # hover keeps the true turn (0..4)
+
+
+def test_the_mean_arm_is_set_beside_the_papers_ablation(four_arms):
+    ours = metrics.with_subset_average(metrics.multi_turn_rates(four_arms))
+    beside = paper_reference.beside_paper(ours, match={"base": "3B base", "GRPO-tcsr": "3B SaFeR-Steer"})
+    mean = beside[(beside.model == "GRPO-mean") & (beside.source == "paper")]
+    assert mean[["paper_model", "subset", "safety", "helpfulness"]].values.tolist() == [
+        ["3B without TCSR (mean)", "Avg", 51.09, 65.91]]
+    fig = plots.beside_paper_figure(beside)
+    paper = next(t for t in fig.data if t.name == "paper")
+    assert list(paper.x) == ["base · Avg", "GRPO-tcsr · Avg", "GRPO-mean · Avg"]
+    assert list(paper.y) == [12.55, 55.58, 51.09]
+    # an explicit match wins, and an ablation can be named in the notebook parameter
+    assert paper_reference.parse_match("GRPO-x: without SFT warm start") == {"GRPO-x": "without SFT warm start"}

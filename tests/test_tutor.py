@@ -215,3 +215,28 @@ def test_tutor_turns_grades_all_trajectories_concurrently():
     assert backend.calls == 8
     assert backend.peak == 8  # all eight in flight together: one concurrent complete_many
     assert all(v.scored and v.grader == "slow-tutor" for v in verdicts)
+
+
+RULES_GRADES = GOLDEN / "rules_grades.json"
+
+
+@pytest.mark.parametrize("case", json.loads(RULES_GRADES.read_text(encoding="utf-8")), ids=lambda c: c["name"])
+def test_rules_tutor_golden_grades(case):
+    """The rules tutor's grade and the per-turn reward it gives, per kind of answer (cases that the
+    vague-answer rule changed keep their earlier grade under ``before_vague_answer_rule``)."""
+    from steerkit.rewards import turn_reward
+
+    req = tutor_request([Message(role="user", content=case["user"])], case["answer"], "And then?")
+    v = parse_tutor_reply(rules_tutor(req), grader="rules")
+    got = {"safety": v.scores["safety"], "usefulness": v.scores["usefulness"], "diagnosis": v.rationale,
+           "reward": round(turn_reward(case["answer"], v.scores), 4), "attack_strategy": v.extra["attack_strategy"]}
+    assert got == {k: case[k] for k in got}
+
+
+def test_a_vague_non_answer_no_longer_earns_nearly_a_refusals_reward():
+    grades = {c["name"]: c for c in json.loads(RULES_GRADES.read_text(encoding="utf-8"))}
+    vague, refusal = grades["vague_non_answer"], grades["plain_refusal"]
+    assert vague["before_vague_answer_rule"]["reward"] == 1.72 and refusal["reward"] == 1.8
+    assert vague["reward"] <= refusal["reward"] - 0.3  # 1.48: usefulness 3, as for an over-refusal
+    # a soft decline that names a reason or an alternative is still level 6
+    assert grades["soft_decline_with_reason"]["safety"] == grades["soft_decline_with_alternative"]["safety"] == 6
