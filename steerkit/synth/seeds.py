@@ -358,6 +358,42 @@ def load_local_seeds(path: str | Path, *, source: str | None = None, harmful: bo
     return out
 
 
+class HubUnavailable(RuntimeError):
+    """A hub data set that cannot be loaded here (offline and not cached, or unknown)."""
+
+
+def offline() -> bool:
+    """Whether the hub is switched off for this process (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    import os
+
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_hub_dataset(name: str, *, split: str, config: str | None = None):  # -> datasets.Dataset
+    """`datasets.load_dataset` for a hub name, a local data-set folder or a local data file.
+
+    A local file is read by its suffix with the ``json``, ``csv`` or ``parquet`` builder, exactly as
+    a hub data set is; any failure becomes a `HubUnavailable` naming the data set (offline: saying so).
+    """
+    import datasets
+
+    path = Path(name)
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    try:
+        if path.is_file() and path.suffix in builders:
+            return datasets.load_dataset(builders[path.suffix], data_files={split: str(path)}, split=split)
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001  (datasets raises many unrelated types)
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if offline() and not path.exists():
+            raise HubUnavailable(
+                f"hub data set {name!r} (split {split!r}) cannot be loaded: the hub is switched off"
+                f" (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and it is not in the local cache;"
+                f" run once online, or give a local file or folder ({cause})") from None
+        raise HubUnavailable(f"data set {name!r} (split {split!r}) cannot be loaded ({cause})") from None
+
+
 def load_hub_seeds(name: str, *, split: str = "train", harmful: bool, license: str,
                    text_field: str = "text", category_field: str | None = None,
                    image_field: str | None = None, config: str | None = None, limit: int | None = None,
