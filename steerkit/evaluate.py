@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from steerkit.judge import (
     verdicts_for,
 )
 from steerkit.layout import DIALOGUES_FILE, MAX_TURNS
+from steerkit.progress import Progress
 from steerkit.prompts import load_prompt
 from steerkit.runs import Run
 from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, load_records, resolve_image
@@ -149,6 +150,7 @@ async def _play_and_judge(
     judge_sampling: Sampling,
     max_turns: int,
     risks: Mapping[str, RiskInfo],
+    on_judged: Callable[[int], None] = lambda n: None,
 ) -> dict[str, list[Verdict]]:
     """Play a chunk; each finished turn is sent to the judge while the student goes on."""
     p = load_prompt(prompt)
@@ -165,12 +167,16 @@ async def _play_and_judge(
                     kind, "student_error", grader=judge.spec, prompt_version=p.id,
                     extra={"turn": t, "dialogue_id": s.id, "detail": s.replies[-1].error or ""},
                 ))
+                on_judged(1)
                 continue
             fields = turn_fields(s.messages, t, risk=risks[s.id], dialogue_id=s.id)
             reqs.append(turn_request(fields, p, root=s.root, captions=s.captions, sampling=judge_sampling))
             ids.append(s.id)
         if reqs:
-            pending.append((ids, asyncio.ensure_future(verdicts_for(judge, reqs))))
+            future = asyncio.ensure_future(verdicts_for(judge, reqs))
+            n_reqs = len(reqs)
+            future.add_done_callback(lambda f: f.cancelled() or on_judged(n_reqs))
+            pending.append((ids, future))
 
     try:
         await play(states, user=StaticUser(), assistant=student, sampling=sampling, max_turns=max_turns,
@@ -258,7 +264,8 @@ def evaluate(
                 risks = {it.question_id: RiskInfo(it.category, tuple(it.risk_trajectory), risk_scale) for it in chunk}
                 verdicts = await _play_and_judge(states, student=student, judge=judge, prompt=prompt,
                                                  sampling=sampling, judge_sampling=judge_sampling,
-                                                 max_turns=max_turns, risks=risks)
+                                                 max_turns=max_turns, risks=risks,
+                                                 on_judged=progress.advance)
                 for s in states:
                     s.meta["student_finish"] = [r.finish for r in s.replies]
                 # one write and one fsync per chunk, not per dialogue
@@ -269,7 +276,9 @@ def evaluate(
             await judge.backend.aclose()
 
     if todo:
-        run_sync(go())
+        turns = sum(min(len(it.messages_fixed), max_turns) for it in todo)
+        with Progress(run.path, "judged turns", total=turns, unit="turns") as progress:
+            run_sync(go())
     by_id = {}
     for rec in results:
         by_id[str(rec["id"])] = rec  # a redone item's later record wins
