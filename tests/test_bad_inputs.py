@@ -152,7 +152,7 @@ def test_published_good_file_and_folder_load(tmp_path: Path) -> None:
 
 
 def test_published_hub_name_offline_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from steerkit.synth.seeds import HubUnavailable
+    from steerkit.synth.seed_files import HubUnavailable
     from steerkit.synth.splits import load_steer_bench
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -151,7 +151,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _hub_rows(name: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    from steerkit.synth.seeds import load_hub_dataset
+    from steerkit.synth.seed_files import load_hub_dataset
 
     for i, row in enumerate(load_hub_dataset(name, split=split)):
         yield f"{name}[{split}] row {i}", dict(row)

@@ -21,11 +21,13 @@ data-set card, and the summary counts in the manifest (`steerkit.synth.splits` n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from steerkit import layout
@@ -52,6 +54,7 @@ from steerkit.synth.redteam import (
     rewrite_intents,
     simulate,
 )
+from steerkit.synth.seed_files import load_seed_sets
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,10 @@ class SynthParams:
     n_obfuscated: int = 8
     n_redteam: int = 8
     harmful_sources: list[str] = field(default_factory=lambda: ["strongreject", "advbench"])
-    seed_files: list[str] = field(default_factory=list)  # extra local JSONL/CSV seed files
-    hub_seeds: list[dict[str, Any]] = field(default_factory=list)  # kwargs of seeds.load_hub_seeds each
+    # The researcher's own seeds (docs/data.md): JSONL/CSV files, read strictly, and hub sets as
+    # "hub:<dataset>:<split>:<text column>[?options]" (or load_hub_seeds arguments).
+    seed_files: list[str] = field(default_factory=list)
+    hub_seeds: list[str | dict[str, Any]] = field(default_factory=list)
     pyrit_benign: bool = True
     images: list[str] = field(default_factory=lambda: [a.name for a in sd.PACKAGE_IMAGES])
     image_share: float = 0.75  # share of seeds given a packaged image (our choice)
@@ -111,7 +116,7 @@ def reason_kind(reason: str) -> str:
 
 def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], dict[str, Any]]:
     """Seeds for each kind (disjoint), images attached; written once to seeds.jsonl and reused."""
-    path = run.file("seeds.jsonl")
+    path = run.file(layout.SEEDS_FILE)
     images = sd.copy_package_images(run.file("images"), p.images)
     image_info = {ref: {"name": a.name, "license": a.license, "source": a.source, "notes": a.description}
                   for a, ref in images.values()}
@@ -130,12 +135,8 @@ def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], 
             case _:
                 raise ValueError(f"harmful_sources: unknown source {name!r}; use strongreject, advbench")
     benign = sd.load_pyrit_benign(skips) if p.pyrit_benign else []
-    for f in p.seed_files:
-        for s in sd.load_local_seeds(f, skips=skips):
-            (harmful if s.harmful else benign).append(s)
-    for spec in p.hub_seeds:
-        for s in sd.load_hub_seeds(**spec, image_dir=run.file("images"), skips=skips):
-            (harmful if s.harmful else benign).append(s)
+    for s in load_seed_sets(p.seed_files, p.hub_seeds, image_dir=run.file("images"), skips=skips):
+        (harmful if s.harmful else benign).append(s)
     refs = [ref for _, ref in images.values()]
     benign_pool = sd.sample(benign, max(0, p.n_benign // 3), seed=p.seed)
     benign_pool += sd.templated_benign(p.n_benign - len(benign_pool), seed=p.seed,
@@ -147,7 +148,9 @@ def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], 
     ben = [s.model_copy(update={"meta": {**s.meta, "kind": "benign"}}) for s in benign_pool]
     chosen = sd.attach_images(obf + red, refs, share=p.image_share, seed=p.seed) + ben
     write_jsonl(chosen, path)
-    run.update_manifest(seed_skips=skips.summary())
+    # The researcher's seed files by content, so the manifest says exactly which data went in.
+    inputs = {str(Path(f).resolve()): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in p.seed_files}
+    run.update_manifest(seed_skips=skips.summary(), seed_file_sha256=inputs)
     return chosen, skips.summary(), image_info
 
 
