@@ -20,6 +20,8 @@ from typing import Any, Self, TextIO
 
 from steerkit.layout import PROGRESS_FILE
 
+#: Trainer log values a progress line carries (SFT's loss; GRPO's loss and mean reward).
+SHOWN_LOGS = ("loss", "reward")
 MIN_INTERVAL = 2.0  # seconds between two lines of one task in the progress file
 #: Set (to "0") by `steerkit.notebooks.execute`: a papermill kernel shows no bar, the terminal does.
 BAR_ENV = "STEERKIT_PROGRESS_BAR"
@@ -97,26 +99,26 @@ class Progress:
 
 
 def progress_callback(run_dir: str | Path | None, task: str):  # -> transformers.TrainerCallback
-    """A trainer callback reporting optimizer steps (of ``state.max_steps``) with the last loss."""
+    """A trainer callback reporting optimizer steps (of ``state.max_steps``) with the last loss
+    (and, for GRPO, the mean reward) the trainer logged."""
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
         def __init__(self) -> None:
             self.progress: Progress | None = None
-            self.loss: float | None = None
+            self.logged: dict[str, float] = {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.progress = Progress(run_dir, task, total=state.max_steps or None, unit="steps")
             self.progress.done = self.progress.base = state.global_step  # a resumed run goes on
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
+            self.logged.update({k: float(v) for k, v in (logs or {}).items()
+                                if k in SHOWN_LOGS and isinstance(v, int | float)})
 
         def on_step_end(self, args, state, control, **kw):
             if self.progress is not None:
-                extra = {"loss": self.loss} if self.loss is not None else {}
-                self.progress.update(state.global_step, total=state.max_steps or None, **extra)
+                self.progress.update(state.global_step, total=state.max_steps or None, **self.logged)
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
@@ -155,7 +157,7 @@ def describe(rec: dict[str, Any]) -> str:
     parts.append(f"{rate:.2f} {rec['unit']}/s" if rate >= 0.1 or rate == 0 else f"{60 * rate:.2f} {rec['unit']}/min")
     if rec.get("left_s") is not None:
         parts.append(f"{_clock(rec['left_s'])} left")
-    parts += [f"{k} {v:.4g}" for k, v in rec.items() if k == "loss" and isinstance(v, int | float)]
+    parts += [f"{k} {v:.4g}" for k, v in rec.items() if k in SHOWN_LOGS and isinstance(v, int | float)]
     return ", ".join(parts)
 
 
@@ -177,6 +179,7 @@ class ProgressTail:
         self.out = out if out is not None else sys.stderr
         self.interval = interval
         self._offsets: dict[Path, int] = {}
+        self._done: dict[str, int] = {}  # the last count shown per task
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"progress-{run_id}", daemon=True)
         self._shown = ""
@@ -224,6 +227,9 @@ class ProgressTail:
                 except ValueError:
                     continue
         for rec in new:
+            if rec.get("closed") and self._done.get(rec["task"]) == rec["done"]:
+                continue  # the closing line repeats the last state shown
+            self._done[rec["task"]] = rec["done"]
             self._show(f"[{self.label}] {describe(rec)}")
         return new
 

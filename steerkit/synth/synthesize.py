@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit import layout
+from steerkit.progress import Progress
 from steerkit.roles import Roles
 from steerkit.runs import Run, atomic_write_json, atomic_write_text
 from steerkit.schema import Dialogue, Script, Seed, write_jsonl
@@ -194,8 +195,10 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     s1 = run.results("stage1.jsonl")
     done = s1.done_keys()
     gen = roles.client("generator")
+    todo1 = {kind: [s for s in by_kind[kind] if s.id not in done] for kind in by_kind}
+    progress = Progress(run.path, "Stage I scripts", total=sum(map(len, todo1.values())), unit="seeds")
     for kind in ("benign", "obfuscated", "redteam"):
-        for chunk in _chunks([s for s in by_kind[kind] if s.id not in done], p.chunk_size):
+        for chunk in _chunks(todo1[kind], p.chunk_size):
             match kind:
                 case "benign":
                     out = generate_benign(gen, chunk, turns=p.benign_turns, with_answers=p.with_answers,
@@ -211,6 +214,8 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
                 s1.append({"id": sc.seed_id, "status": "script", "kind": kind, "script": sc.model_dump()})
             for sk in out.skipped:
                 s1.append({**sk, "status": "skipped"})
+            progress.advance(len(chunk))
+    progress.close()
     stage1 = list(s1)
     scripts = [Script.model_validate(r["script"]) for r in stage1 if r["status"] == "script"]
 
@@ -219,6 +224,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     m4_done = m4.done_keys()
     red = [s for s in scripts if s.kind == "redteam" and s.id not in m4_done]
     judge_role = "generator"
+    progress = Progress(run.path, "M4 red-team checks", total=len(red), unit="scripts")
     for chunk in _chunks(red, p.chunk_size):
         from steerkit.clients import Sampling
 
@@ -229,6 +235,8 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
             m4.append({"id": s.id, "status": "kept", "script": s.model_dump(), "transcript": sim.transcripts[s.id]})
         for r in sim.rejected:
             m4.append({**r, "status": "rejected", "transcript": sim.transcripts[r["id"]]})
+        progress.advance(len(chunk))
+    progress.close()
     m4_recs = {r["id"]: r for r in m4}
     final_scripts = [s for s in scripts if s.kind != "redteam"] + [
         Script.model_validate(r["script"]) for r in m4_recs.values() if r["status"] == "kept"]
@@ -238,13 +246,17 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     train, bench = sp.hold_out(unique, p.bench_share, seed=p.seed)
     s2 = run.results("stage2.jsonl")
     s2_done = s2.done_keys()
-    for chunk in _chunks([s for s in train if s.id not in s2_done], p.chunk_size):
+    todo2 = [s for s in train if s.id not in s2_done]
+    progress = Progress(run.path, "Stage II rollouts", total=len(todo2), unit="dialogues")
+    for chunk in _chunks(todo2, p.chunk_size):
         b = bootstrap(roles.client("red_user"), roles.client("blue_expert"), roles.client("evaluator"), chunk,
                       root=root, captions=captions, tau_safe=p.tau_safe, tau_help=p.tau_help)
         for d in b.kept:
             s2.append({"id": d.id, "status": "kept", "dialogue": d.model_dump()})
         for r in b.rejected:
             s2.append({**r, "status": "rejected"})
+        progress.advance(len(chunk))
+    progress.close()
     s2_recs = list(s2)
     kept = [Dialogue.model_validate(r["dialogue"]) for r in s2_recs if r["status"] == "kept"]
     sft, rl = sp.split_rl(kept, share=p.rl_share, min_turns=p.rl_min_turns, seed=p.seed)
