@@ -41,7 +41,7 @@ from steerkit.layout import DIALOGUES_FILE, MAX_TURNS
 from steerkit.progress import Progress
 from steerkit.prompts import load_prompt
 from steerkit.runs import Run
-from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, load_records, resolve_image
+from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ CHUNK_SIZE = 32  # dialogues played together (one batched generate per turn for 
 def load_bench(path: str | Path, *, split: str = "test", image_dir: Path | None = None) -> list[BenchItem]:
     """Bench items from our records or the official STEER-Bench files, with unique question ids.
 
-    ``.parquet`` files are read strictly as `BenchItem` records (`steerkit.schema.load_records`);
-    anything else (our JSONL, a release JSONL with extra columns, a hub name or a data-set folder)
-    goes through `steerkit.synth.splits.load_steer_bench`, which knows the published field names.
+    Everything (our JSONL or Parquet, a release file with plain-string turns or extra columns, a
+    data-set folder, a hub name) goes through `steerkit.synth.splits.load_steer_bench`, which knows
+    the published field names and checks every record and image ref (docs/data.md).
     Image refs are relative to the file's folder: pass that folder as ``root`` to `evaluate`.
 
     Raises:
@@ -68,10 +68,7 @@ def load_bench(path: str | Path, *, split: str = "test", image_dir: Path | None 
     from steerkit.synth.splits import load_steer_bench
 
     path = Path(path)
-    if path.suffix == ".parquet":
-        items = load_records(BenchItem, path)
-    else:
-        items = load_steer_bench(path, split=split, image_dir=image_dir)
+    items = load_steer_bench(path, split=split, image_dir=image_dir)
     seen: dict[str, int] = {}
     for n, it in enumerate(items, start=1):
         if it.question_id in seen:
