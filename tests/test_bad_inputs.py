@@ -159,3 +159,23 @@ def test_published_hub_name_offline_says_so(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(HubUnavailable, match=r"'no-such-org/steer-bench' .* the hub is switched off"):
         load_steer_bench("no-such-org/steer-bench", split="test")
+
+
+def test_published_parquet_with_embedded_images(tmp_path: Path) -> None:
+    """A `datasets` Image column in Parquet holds {bytes, path}: saved into image_dir, or refused clearly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steerkit.synth.splits import load_steer_bench
+
+    png = (PUBLISHED / "images" / "cup.png").read_bytes()
+    rows = [{"question_id": "a/1", "messages_fixed": ["What is this?"], "image": {"bytes": png, "path": None}},
+            {"question_id": "a/2", "messages_fixed": ["And this?"], "image": {"bytes": b"junk", "path": None}}]
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "ok.parquet")
+    with pytest.raises(RecordError, match=r"ok\.parquet:1: field image: an embedded image needs image_dir"):
+        load_steer_bench(tmp_path / "ok.parquet")
+    (item,) = load_steer_bench(tmp_path / "ok.parquet", image_dir=tmp_path / "images")
+    assert item.image.startswith("images/a_1-") and Image.open(tmp_path / item.image).size == (4, 4)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(RecordError, match=r"bad\.parquet:2: field image: cannot decode the embedded image"):
+        load_steer_bench(tmp_path / "bad.parquet", image_dir=tmp_path / "images")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import nbformat
@@ -37,7 +38,10 @@ def _notebook(folder: Path) -> Path:
     return folder
 
 
-def test_pipeline_stage_prints_its_progress_and_no_kernel_warning(tmp_path: Path, capfd) -> None:
+def test_pipeline_stage_prints_its_progress_and_no_kernel_warning(tmp_path: Path, capfd, monkeypatch) -> None:
+    shown_at: list[float] = []
+    show = ProgressTail._show
+    monkeypatch.setattr(ProgressTail, "_show", lambda self, text: (shown_at.append(time.time()), show(self, text)))
     notebooks = _notebook(tmp_path / "notebooks")
     stage = pl.Stage("01", "01", "counting")
     pipe = pl.Pipeline(pl.load_recipe(None, []), "p", runs_root=tmp_path / "runs", notebooks_dir=notebooks,
@@ -52,6 +56,7 @@ def test_pipeline_stage_prints_its_progress_and_no_kernel_warning(tmp_path: Path
     assert "without encryption" not in err
     records = [json.loads(x) for x in (Path(manifest["stages"]["01"]["run_dir"]) / PROGRESS_FILE).read_text().splitlines()]
     assert records[-1]["done"] == 6 and records[-1]["closed"] and records[0]["total"] == 6
+    assert shown_at[0] < records[-1]["time"]  # shown while the kernel was still counting
 
 
 def test_progress_file_rate_left_and_tail(tmp_path: Path) -> None:
