@@ -24,6 +24,7 @@ from typing import Any
 
 from steerkit.clients import ChatClient
 from steerkit.layout import CHECKPOINT, MAX_TURNS, METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
+from steerkit.progress import progress_callback
 from steerkit.rewards import (
     PAPER_WEIGHTS,
     PROPER_TURN,
@@ -323,7 +324,8 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir), callbacks=[guard],
+        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir),
+        callbacks=[guard, progress_callback(run_dir, "GRPO")],
     )
     trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
     return trainer

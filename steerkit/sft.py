@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.layout import CAPTIONS_FILE, CHECKPOINT, MANIFEST_FILE, RL_FILE, SFT_FILE, TRAIN_LOG, TRAINER_STATE
+from steerkit.progress import progress_callback
 from steerkit.runs import DEFAULT_RUNS_ROOT, ResultLog, Run, new_run_id, open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
 
@@ -423,7 +424,7 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=evals,
         processing_class=processing_class, peft_config=peft_config, data_collator=data_collator,
-        callbacks=[train_log_callback(run_dir / TRAIN_LOG), *(callbacks or [])],
+        callbacks=[train_log_callback(run_dir / TRAIN_LOG), progress_callback(run_dir, "SFT"), *(callbacks or [])],
     )
     info = {
         "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision, "data_file": str(data_file),
