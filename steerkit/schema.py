@@ -270,10 +270,14 @@ def parse_line(cls: type[R], line: str, *, path: Path, lineno: int, check_images
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise RecordError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{where}: JSON nested too deeply to be a record") from None
     if not isinstance(data, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
     try:
         record = cls.model_validate(data)
+    except RecursionError:
+        raise RecordError(f"{where}: a field nested too deeply to be a record") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(record)"

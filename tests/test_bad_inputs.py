@@ -32,6 +32,7 @@ CORPUS = Path(__file__).parent / "bad_inputs"
         ("verdict_off_scale.jsonl", Verdict, r"verdict_off_scale\.jsonl:1: .*scores\.helpfulness: 7 is off the 0\.\.3 scale"),
         ("verdict_nan.jsonl", Verdict, r"verdict_nan\.jsonl:1: field scores\.helpfulness"),
         ("corrupt.parquet", Dialogue, r"corrupt\.parquet: not a readable Parquet file"),
+        ("deeply_nested.jsonl", Dialogue, r"deeply_nested\.jsonl:1: JSON nested too deeply"),
     ],
 )
 def test_corpus_file_fails_clearly(name: str, cls: type, expect: str) -> None:
