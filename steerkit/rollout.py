@@ -13,6 +13,7 @@ The engine knows nothing of TRL: `steerkit.grpo` adapts it to ``GRPOTrainer``'s 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,15 @@ def generation_copy(model: Any, dtype: str | None) -> Any:
     return clone.to(getattr(torch, dtype)).eval()
 
 
+@functools.cache
+def _cache_name() -> str:
+    """``generate``'s name for the KV cache (argument and output field): ``cache`` in transformers
+    5.2x, ``past_key_values`` in 5.17 (which Unsloth's environment pins)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
 class TurnGenerator:
     """One batched ``generate`` per turn over the live trajectories, keeping the KV cache between turns.
 
@@ -277,7 +287,7 @@ class TurnGenerator:
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                **{k: (v.to(device) if hasattr(v, "to") and k != "cache" else v) for k, v in kwargs.items()},
+                **{k: (v.to(device) if hasattr(v, "to") and k != _cache_name() else v) for k, v in kwargs.items()},
                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
                 repetition_penalty=None, max_new_tokens=cfg.max_new_tokens, suppress_tokens=self.suppress or None,
                 eos_token_id=self.stop, pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
@@ -297,7 +307,7 @@ class TurnGenerator:
             lps.append(logps[i, :end].tolist())
             kept[i, :end] = 1
         if self.reuse_cache:
-            self.cache = out.cache
+            self.cache = getattr(out, _cache_name())
             self.ids = out.sequences.cpu()
             self.mask = torch.cat([mask, kept], dim=1)
             self.row_of = {s: r for r, s in enumerate(live)}
@@ -330,7 +340,7 @@ class TurnGenerator:
         block, block_mask = _left_padded(new, self.pad_id)
         ids = torch.cat([self.ids, block], dim=1)
         mask = torch.cat([self.mask, block_mask], dim=1)
-        return ids, mask, {"cache": self.cache}
+        return ids, mask, {_cache_name(): self.cache}
 
 
 async def _grade(tutor: ChatClient, requests: list[Any]) -> list[Verdict]:
