@@ -43,7 +43,7 @@ class Sizes:
 
 #: STEER-SFT dialogues run to 1-2k tokens; 640x480 is a typical photo (391 visual tokens unscaled).
 FULL = Sizes(sft_batch=4, sft_steps=4, dialogue_tokens=1500, image_size=(640, 480), turns=3, grpo_prompts=4,
-             grpo_k=5, grpo_mini_batch=4, grpo_full_steps=5, grpo_lora_steps=20, grpo_new_tokens=64,
+             grpo_k=5, grpo_mini_batch=4, grpo_full_steps=5, grpo_lora_steps=20, grpo_new_tokens=48,
              rollout_batches=(8, 32, 64), rollout_new_tokens=128)
 TINY = Sizes(sft_batch=2, sft_steps=2, dialogue_tokens=160, image_size=(56, 56), turns=2, grpo_prompts=2,
              grpo_k=2, grpo_mini_batch=2, grpo_full_steps=2, grpo_lora_steps=2, grpo_new_tokens=6,
