@@ -98,6 +98,9 @@ def build(out: Path, tiny: bool) -> Path:
         image_processor=images, tokenizer=proc.tokenizer, chat_template=proc.chat_template
     ).save_pretrained(out)
     (out / "gpu_smoke.json").write_text(json.dumps({"shape": "Qwen2.5-VL-3B", "parameters": model.num_parameters()}))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the phases run in other processes: leave them the whole GPU
     return out
 
 
@@ -175,14 +178,17 @@ def environment() -> dict[str, Any]:
     return {"phase": "environment", "status": "ok", "device": device, "python": sys.version.split()[0], **versions}
 
 
-def run(out: Path, *, tiny: bool, budget_s: float, phases: list[str], isolate: bool) -> int:
-    """Build the model, then every phase within ``budget_s`` seconds; returns how many phases failed."""
+def run(out: Path, *, tiny: bool, budget_s: float, phases: list[str], isolate: bool, work: Path | None = None) -> int:
+    """Build the model, then every phase within ``budget_s`` seconds; returns how many phases failed.
+    ``out`` gets the results only; the model and each phase's files go under ``work`` (default
+    ``out/work``)."""
     start = time.time()
+    work = work or out / "work"
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).unlink(missing_ok=True)
     emit(environment(), out)
     t = time.perf_counter()
-    model = build(out / "model", tiny)
+    model = build(work / "model", tiny)
     emit({"phase": "build", "status": "ok", **json.loads((model / "gpu_smoke.json").read_text()),
           "wall_s": round(time.perf_counter() - t, 1)}, out)
     failed = 0
@@ -192,9 +198,9 @@ def run(out: Path, *, tiny: bool, budget_s: float, phases: list[str], isolate: b
         if cap < 15:
             r = {"phase": name, "status": "skipped", "reason": f"the {budget_s:.0f} s budget is spent"}
         elif isolate:
-            r = _subprocess_phase(name, model, out / name, tiny, cap)
+            r = _subprocess_phase(name, model, work / name, tiny, cap)
         else:
-            r = run_phase(name, model, out / name, tiny, deadline=time.time() + cap)
+            r = run_phase(name, model, work / name, tiny, deadline=time.time() + cap)
         failed += r["status"] == "failed"
         emit(r, out)
     print(report(out), flush=True)
@@ -244,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/gpu_smoke.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="build the model and run the phases within the budget")
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True, help="the results (results.jsonl)")
+    r.add_argument("--work", type=Path, default=None, help="the model and the phases' files (default OUT/work;"
+                   " the 3B model is 7.5 GB and is reused when it is there)")
     r.add_argument("--dry-run", action="store_true", help="tiny model and sizes, every phase in this process (CPU)")
     r.add_argument("--budget-s", type=float, default=500, help="seconds for the whole run (default 500)")
     r.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             if unknown := sorted(set(phases) - set(PHASES)):
                 parser.error(f"--phases: unknown {', '.join(unknown)} (known: {', '.join(PHASES)})")
             isolate = (not ns.dry_run) if ns.isolate is None else ns.isolate
-            failed = run(ns.out, tiny=ns.dry_run, budget_s=ns.budget_s, phases=phases, isolate=isolate)
+            failed = run(ns.out, tiny=ns.dry_run, budget_s=ns.budget_s, phases=phases, isolate=isolate, work=ns.work)
             return 1 if failed else 0
         case "phase":
             deadline = ns.deadline or time.time() + PHASE_CAP_S[ns.name]

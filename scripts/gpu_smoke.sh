@@ -7,7 +7,8 @@
 #
 #   bash scripts/gpu_smoke.sh [WHEELS_DIR] [-- extra gpu_smoke.py run arguments]
 #
-# Environment: OUT (results folder; default gpu_smoke_out), BUDGET_S (seconds for the model build and
+# Environment: OUT (results folder; default gpu_smoke_out), WORK (the 7.5 GB model and the phases'
+# files; default /tmp/steerkit-gpu-work, reused by a rerun), BUDGET_S (seconds for the model build and
 # the phases; default 500), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +40,4 @@ for mod in trl datasets pydantic; do
     || echo "import $mod: FAILED: $(grep -E 'Error|error' "$OUT.import-$mod.err" | tail -1)"
   rm -f "$OUT.import-$mod.err"
 done
-exec "$PY" scripts/gpu_smoke.py run --out "$OUT" --budget-s "${BUDGET_S:-500}" "$@"
+exec "$PY" scripts/gpu_smoke.py run --out "$OUT" --work "${WORK:-/tmp/steerkit-gpu-work}" --budget-s "${BUDGET_S:-500}" "$@"
