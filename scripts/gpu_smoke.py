@@ -9,8 +9,8 @@ Phases, in this order (docs/gpu.md says what each measures and the goals):
   sft_unsloth  the same data and batch with Unsloth's FastVisionModel (reported unavailable off CUDA)
   sft_full     SFT, full fine-tuning, vision tower frozen, gradient checkpointing (the paper's recipe)
   grpo_lora    GRPO, LoRA at a constant 1e-3 (the settings that logged NaN): grad_norm finiteness
-  grpo_full    GRPO, full fine-tuning at the authors' 3B lr 2e-6: rollout and training s/step
   rollout      the rollout engine's tokens/s at 8, 32 and 64 trajectories
+  grpo_full    GRPO, full fine-tuning at the authors' 3B lr 2e-6: rollout and training s/step
 
 Each phase runs in its own process (on a GPU: a clean memory peak, Unsloth's patches kept out of the
 others, a crash costs one phase) with a timeout from the time budget, and prints one
@@ -55,9 +55,9 @@ QWEN25_VL_3B_VISION = {
 }
 #: Its preprocessor_config.json's image bounds (the processor's defaults).
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
-PHASES = ("sft_hf", "sft_unsloth", "sft_full", "grpo_lora", "grpo_full", "rollout")
+PHASES = ("sft_hf", "sft_unsloth", "sft_full", "grpo_lora", "rollout", "grpo_full")
 #: Seconds each phase may take at most on the GPU box (model load and imports included).
-PHASE_CAP_S = {"sft_hf": 60, "sft_unsloth": 100, "sft_full": 60, "grpo_lora": 120, "grpo_full": 60, "rollout": 60}
+PHASE_CAP_S = {"sft_hf": 60, "sft_unsloth": 100, "sft_full": 60, "grpo_lora": 120, "rollout": 75, "grpo_full": 60}
 MARKER = "GPU_SMOKE "
 RESULTS = "results.jsonl"
 #: The goal for Unsloth against the HF path (same data and batch).

@@ -34,12 +34,13 @@ def test_dry_run_reports_every_phase_on_cpu(tmp_path: Path) -> None:
     proc = smoke("run", "--out", str(tmp_path), "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = results(proc.stdout)
-    assert list(r) == ["environment", "build", "sft_hf", "sft_unsloth", "sft_full", "grpo_lora", "grpo_full", "rollout"]
+    assert list(r) == ["environment", "build", "sft_hf", "sft_unsloth", "sft_full", "grpo_lora", "rollout", "grpo_full"]
     assert r["environment"]["device"] == "cpu" and r["build"]["shape"] == "tiny"
     for name in ("sft_hf", "sft_full"):
         assert r[name]["status"] == "ok" and r[name]["step_s"] > 0 and r[name]["tokens_per_s"] > 0, r[name]
         assert r[name]["steps_timed"] == 2 and r[name]["peak_gib"] is None  # no CUDA, no peak
     assert r["sft_hf"]["finetune"] == "lora" and r["sft_hf"]["vision_params_frozen"] == 0
+    assert r["sft_hf"]["loss_on"] == "assistant tokens"  # transformers >= 5.18 here
     assert r["sft_full"]["finetune"] == "full" and r["sft_full"]["vision_params_frozen"] > 0
     assert r["sft_full"]["trainable_params"] > r["sft_hf"]["trainable_params"]
     assert r["sft_unsloth"]["status"] == "unavailable"
@@ -63,10 +64,12 @@ def test_dry_run_reports_every_phase_on_cpu(tmp_path: Path) -> None:
 def test_isolated_phase_and_a_spent_budget(tmp_path: Path) -> None:
     """A phase in its own process (as on the GPU box) reports through its result line; with no
     budget left the phases are skipped, not started."""
-    proc = smoke("run", "--out", str(tmp_path / "a"), "--dry-run", "--isolate", "--phases", "sft_unsloth")
+    work = str(tmp_path / "work")  # the second run reuses the model built by the first
+    proc = smoke("run", "--out", str(tmp_path / "a"), "--work", work, "--dry-run", "--isolate", "--phases", "sft_unsloth")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert results(proc.stdout)["sft_unsloth"]["status"] == "unavailable"
-    proc = smoke("run", "--out", str(tmp_path / "b"), "--dry-run", "--budget-s", "0", "--phases", "sft_hf,rollout")
+    proc = smoke("run", "--out", str(tmp_path / "b"), "--work", work, "--dry-run", "--budget-s", "0",
+                 "--phases", "sft_hf,rollout")
     r = results(proc.stdout)
     assert proc.returncode == 0 and r["sft_hf"]["status"] == r["rollout"]["status"] == "skipped", proc.stdout
 
