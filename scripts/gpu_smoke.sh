@@ -34,10 +34,10 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # what imports, before the phases that need it (the sft_unsloth phase reports its own import error)
+err="$(mktemp)"
 for mod in trl datasets pydantic; do
-  "$PY" -c "import importlib, sys; importlib.import_module('$mod')" >/dev/null 2>"$OUT.import-$mod.err" \
-    && echo "import $mod: ok" \
-    || echo "import $mod: FAILED: $(grep -E 'Error|error' "$OUT.import-$mod.err" | tail -1)"
-  rm -f "$OUT.import-$mod.err"
+  "$PY" -c "import $mod" >/dev/null 2>"$err" && echo "import $mod: ok" \
+    || echo "import $mod: FAILED: $(grep -E 'Error|error' "$err" | tail -1)"
 done
+rm -f "$err"
 exec "$PY" scripts/gpu_smoke.py run --out "$OUT" --work "${WORK:-/tmp/steerkit-gpu-work}" --budget-s "${BUDGET_S:-500}" "$@"
