@@ -570,7 +570,8 @@ def _load_hf(path: str | os.PathLike[str], *, dtype: Any, device: Any) -> tuple[
     return model, processing
 
 
-def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) -> tuple[Any, Any]:
+def unsloth_missing() -> list[str]:
+    """Why Unsloth cannot run here (empty when it can): not installed, or no CUDA GPU."""
     missing = []
     if importlib.util.find_spec("unsloth") is None:
         missing.append("Unsloth is not installed")
@@ -578,13 +579,22 @@ def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) ->
 
     if not torch.cuda.is_available():
         missing.append("no CUDA GPU is visible (Unsloth runs on NVIDIA GPUs only)")
-    if missing:
-        raise StudentUnavailable(
-            f"backend='unsloth' is unavailable: {'; '.join(missing)}. Unsloth pins older trl/transformers"
-            f" and needs its own environment: `conda env create -f {UNSLOTH_ENV_FILE}` on a GPU machine,"
-            " then run in a fresh process that calls load_student before importing trl or transformers."
-            " On CPU use backend='hf' (or 'auto', which falls back to it)."
-        )
+    return missing
+
+
+def unsloth_unavailable_message(missing: list[str]) -> str:
+    return (
+        f"backend='unsloth' is unavailable: {'; '.join(missing)}. Unsloth pins older trl (1.15) and"
+        f" transformers (5.17) and needs its own environment on an NVIDIA GPU machine: `conda env create -f"
+        f" {UNSLOTH_ENV_FILE}`, or the wheels of scripts/gpu_wheels.txt on a box that already has torch and"
+        " transformers 5.17 (docs/gpu.md); then run in a fresh process that calls load_student before"
+        " importing trl or transformers. On CPU use backend='hf' (or 'auto', which falls back to it)."
+    )
+
+
+def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) -> tuple[Any, Any]:
+    if missing := unsloth_missing():
+        raise StudentUnavailable(unsloth_unavailable_message(missing))
     if "transformers" in sys.modules and "unsloth" not in sys.modules:
         log.warning("transformers was imported before unsloth: Unsloth's patches may not all apply;"
                     " call load_student(..., backend='unsloth') first in a fresh process")

@@ -26,6 +26,7 @@ Command line, one process or DDP (on a CPU-only machine DDP runs over gloo; ``ac
 
     python -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=papermill_runs/01_synthesize_steer/<id>
     accelerate launch --multi_gpu --num_processes 2 -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=...
+    python -m steerkit.sft --config configs/sft_unsloth_3b.yaml --backend unsloth --set data=...  (GPU, docs/gpu.md)
 """
 
 from __future__ import annotations
@@ -657,6 +658,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", required=True, help="a recipe YAML (configs/sft_*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a recipe field (VALUE is read as YAML)")
+    parser.add_argument("--backend", choices=["hf", "unsloth", "auto"], default=None,
+                        help="override the recipe's backend; unsloth needs an NVIDIA GPU, Unsloth's environment"
+                             " and a LoRA recipe (configs/sft_unsloth_3b.yaml)")
     ns = parser.parse_args(argv)
     overrides = {}
     for item in ns.set:
@@ -664,8 +668,19 @@ def main(argv: list[str] | None = None) -> Path:
         if not sep:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
         overrides[key] = yaml.safe_load(value)
+    if ns.backend:
+        overrides["backend"] = ns.backend
+    recipe = SFTRecipe.from_yaml(ns.config, **overrides)
+    if recipe.backend == "unsloth":  # refuse before a run directory is made
+        from steerkit.models import unsloth_missing, unsloth_unavailable_message
+
+        if recipe.finetune != "lora":
+            parser.error(f"{ns.config}: field finetune: {recipe.finetune!r}: backend unsloth trains LoRA adapters"
+                         " only; use a LoRA recipe (configs/sft_unsloth_3b.yaml) or --backend hf")
+        if missing := unsloth_missing():
+            parser.exit(2, f"{parser.prog}: error: {unsloth_unavailable_message(missing)}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_dir = run_sft(SFTRecipe.from_yaml(ns.config, **overrides))
+    run_dir = run_sft(recipe)
     log.info("run directory: %s", run_dir)
     return run_dir
 
