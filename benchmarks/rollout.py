@@ -101,7 +101,8 @@ def decode_step_gain(model, n: int, *, context: int = 256, steps: int = 20) -> d
 
 
 def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str]) -> list[dict]:
-    from steerkit.models import build_tiny_vlm, load_student
+    from steerkit.models import load_student
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     if model_name == "smollm2":
         model, proc = load_student("smollm2")

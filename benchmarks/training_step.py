@@ -320,7 +320,7 @@ def main() -> None:
         run_phase(args)
         return
 
-    from steerkit.models import smollm2_path
+    from steerkit.smollm2 import smollm2_path
     from steerkit.sft import offline_sft_data
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))

@@ -10,7 +10,7 @@ Subcommands (each writes one JSON file; ``scripts/gpu_smoke.sh`` runs them in th
 
 The model has Qwen2.5-VL-3B-Instruct's published shape (36 layers, hidden 2048, 16 heads, 2 KV heads,
 MLP 11008, vocabulary 151,936, tied embeddings; a 32-block vision tower of width 1280), random weights,
-and the workbench's own small tokenizer (`steerkit.models.build_tiny_vlm`): speed and memory depend on
+and the workbench's own small tokenizer (`steerkit.tiny_vlm.build_tiny_vlm`): speed and memory depend on
 the shape, not the weights. Rollouts sample token ids with end-of-sequence ignored, so both engines
 produce exactly the same number of tokens.
 """
@@ -43,7 +43,8 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 448 * 448
 
 def build(out: Path, tiny: bool) -> Path:
     """The tiny VLM's tokenizer and processor, with the 3B shape's random weights unless ``tiny``."""
-    from steerkit.models import build_tiny_vlm, load_processor, processor_without_video_class
+    from steerkit.models import load_processor, processor_without_video_class
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     build_tiny_vlm(out)
     if tiny:
