@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from steerkit.backends.rules import RulesBackend
+from steerkit.backends.rules_judge import rules_judge
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient, Reply
-from steerkit.backends.rules_judge import rules_judge
 from steerkit.judge import RiskInfo, judge_dialogue_requests, judge_dialogues
 from steerkit.prompts import load_prompt
 from steerkit.schema import Dialogue, Message

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from steerkit.backends.rules import rules_reply
+from steerkit.backends.rules_tutor import rules_safety, rules_tutor
 from steerkit.clients import ChatClient, Reply, Request
 from steerkit.prompts import load_prompt
 from steerkit.schema import Message, Verdict
-from steerkit.backends.rules_tutor import rules_safety, rules_tutor
 from steerkit.tutor import TUTOR_PROMPT, next_user_turn, tutor_request, tutor_turns
 from steerkit.verdicts import parse_tutor_reply
 from steerkit.verdicts import tutor_verdict_from_reply as verdict_from_reply
