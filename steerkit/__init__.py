@@ -14,7 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: Public name -> the module (below ``steerkit``) that defines it, grouped by layer.
+#: Public name -> the module (below ``steerkit``) that defines it, grouped by layer. No name may be a
+#: submodule's: importing the submodule would replace the package attribute with the module.
 _API: dict[str, str] = {
     # records and the run-directory contract
     "Dialogue": "schema", "Message": "schema", "Verdict": "schema", "Seed": "schema",
@@ -29,7 +30,7 @@ _API: dict[str, str] = {
     "SynthParams": "synth.synthesize", "synthesize": "synth.synthesize",
     "SFTRecipe": "sft", "run_sft": "sft",
     "GRPORunConfig": "grpo", "run_grpo": "grpo",
-    "evaluate": "evaluate", "load_bench": "evaluate",
+    "load_bench": "evaluate",  # evaluate() itself: `steerkit.evaluate.evaluate` (a module's name)
     # reading runs back and showing them
     "grpo_frames": "frames", "evaluations": "frames", "steer_table": "frames",
     "dialogue_html": "render", "save_figure": "plots", "Inspector": "inspector",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import steerkit
 
@@ -15,6 +16,13 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
             module = sys.modules[f"steerkit.{steerkit._API[name]}"]
             assert value is getattr(module, name), name
     assert set(steerkit.__all__) <= set(dir(steerkit))
+
+
+def test_no_public_name_is_a_submodule_name() -> None:
+    # importing steerkit.x sets the package attribute x to the module, hiding a lazy name x
+    package = Path(steerkit.__file__).parent
+    submodules = {p.stem for p in package.glob("*.py")} | {p.name for p in package.iterdir() if p.is_dir()}
+    assert not set(steerkit.__all__) & submodules
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
