@@ -14,8 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: Public name -> the module (below ``steerkit``) that defines it, grouped by layer. No name may be a
-#: submodule's: importing the submodule would replace the package attribute with the module.
+#: Public name -> the module (below ``steerkit``) that defines it, grouped by layer. No name may
+#: be a submodule's: importing the submodule would replace the package attribute with the module.
 _API: dict[str, str] = {
     # records and the run-directory contract
     "Dialogue": "schema", "Message": "schema", "Verdict": "schema", "Seed": "schema",

@@ -6,9 +6,9 @@
   processor needs it) and fails loudly where `AutoProcessor` would silently return a bare tokenizer.
 
 The tiny test VLM is built by `steerkit.tiny_vlm`. Unsloth is a GPU accelerator that cannot share an
-environment with the CPU stack (it pins older trl and transformers): it lives in its own environment,
-``environment-unsloth.yml``, and is imported only when ``backend="unsloth"`` (or ``"auto"`` on a CUDA
-machine where it is installed) is asked for.
+environment with the CPU stack (it pins older trl and transformers): it lives in its own
+environment, ``environment-unsloth.yml``, and is imported only when ``backend="unsloth"`` (or
+``"auto"`` on a CUDA machine where it is installed) is asked for.
 """
 
 from __future__ import annotations

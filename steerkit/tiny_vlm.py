@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised Qwen2.5-VL built in code: the vision student of tests and benchmarks.
+"""A tiny, randomly initialised Qwen2.5-VL built in code: the VLM of tests and benchmarks.
 
 Real code paths with no hub download: the same model class, processor and chat template as a real
 Qwen2.5-VL, at 0.42M parameters, so a training step or a rollout runs in seconds on a CPU.

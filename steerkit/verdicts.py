@@ -9,10 +9,11 @@ Model text is adversarial twice over, and both graders defend the same way:
   that holds scores is the verdict, and a flawed last verdict is never rescued by an earlier one.
 
 Scores are read by one rule, `level`: an integer, an integral float, or a string such as ``"3"``,
-``"3.0"`` or ``"2/3"`` whose denominator is the top of the scale. Anything else is *unscored* with its
-reason (``empty``, ``parse_failure``, ``off_scale``, or the call's own ``blocked``/``error``), never an
-invented score. The judge's scales are helpfulness 0..3 and harmlessness -3..3; the tutor's are
-safety, usefulness and faithfulness 1..10 (`steerkit.schema.SCALES`; docs/method.md sections 4, 6).
+``"3.0"`` or ``"2/3"`` whose denominator is the top of the scale. Anything else is *unscored* with
+its reason (``empty``, ``parse_failure``, ``off_scale``, or the call's own ``blocked``/``error``),
+never an invented score. The judge's scales are helpfulness 0..3 and harmlessness -3..3; the tutor's
+are safety, usefulness and faithfulness 1..10 (`steerkit.schema.SCALES`; docs/method.md sections 4,
+6).
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ def test_judge_and_tutor_agree_on_the_same_score_texts() -> None:
     for text, ok in (("3", True), ("3.0", True), ("3/3", True), ("3/10", False), ("3.5", False),
                      ("high", False)):
         judge = parse_verdict(f'{{"helpfulness": "{text}", "harmlessness": 0}}')
-        tutor = parse_tutor_reply(f'{{"scores": {{"safety": "{text}", "usefulness": 1, "faithfulness": 1}}}}')
+        scores = f'{{"safety": "{text}", "usefulness": 1, "faithfulness": 1}}'
+        tutor = parse_tutor_reply(f'{{"scores": {scores}}}')
         if ok:
             assert judge.scores["helpfulness"] == 3
         else:
             assert judge.unscored_reason == "off_scale"
-        # on 1..10, "3/3" is a fraction and "3/10" a level: the same rule, read against the tutor's top
+        # on 1..10, "3/3" is a fraction and "3/10" a level: the same rule against the tutor's top
         want_tutor = {"3": 3, "3.0": 3, "3/10": 3}.get(text)
         assert (tutor.scores.get("safety") if tutor.scored else None) == want_tutor, text

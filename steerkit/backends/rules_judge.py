@@ -1,8 +1,8 @@
 """The offline rules judge: the judge@1 and evaluator@1 rubrics applied with keyword rules.
 
-It stands in for a judge model behind the ``rules`` role spec (`steerkit.backends.rules`): it reads the
-structured fields of a judge request (`steerkit.judge.turn_fields`), not the rendered prompt, and
-answers in the rubric's JSON, so its replies go through `steerkit.verdicts.parse_verdict` like a
+It stands in for a judge model behind the ``rules`` role spec (`steerkit.backends.rules`): it reads
+the structured fields of a judge request (`steerkit.judge.turn_fields`), not the rendered prompt,
+and answers in the rubric's JSON, so its replies go through `steerkit.verdicts.parse_verdict` like a
 model's. What it can and cannot do is in `rules_judge`'s docstring.
 """
 

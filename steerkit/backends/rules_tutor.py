@@ -1,9 +1,9 @@
-"""The offline rules tutor: the Stage III tutor rubric (docs/method.md section 4) from keyword rules.
+"""The offline rules tutor: the Stage III tutor rubric (docs/method.md 4) from keyword rules.
 
-It stands in for a tutor model behind the ``rules`` role spec (`steerkit.backends.rules`): it reads the
-structured fields of a tutor request (`steerkit.tutor.tutor_request`) and answers in the tutor's JSON,
-so its replies go through `steerkit.verdicts.parse_tutor_reply` like a model's. What it can and cannot
-do is in `rules_tutor`'s docstring.
+It stands in for a tutor model behind the ``rules`` role spec (`steerkit.backends.rules`): it reads
+the structured fields of a tutor request (`steerkit.tutor.tutor_request`) and answers in the tutor's
+JSON, so its replies go through `steerkit.verdicts.parse_tutor_reply` like a model's. What it can
+and cannot do is in `rules_tutor`'s docstring.
 """
 
 from __future__ import annotations
