@@ -1,4 +1,4 @@
-"""The public API in ``steerkit.__all__``: each name resolves, lazily, to what its module defines."""
+"""The public API in ``steerkit.__all__``: each name resolves lazily to what its module defines."""
 
 from __future__ import annotations
 
