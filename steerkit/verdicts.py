@@ -29,7 +29,7 @@ from steerkit.clients import Reply
 from steerkit.schema import SCALES, Verdict
 
 #: The tutor rubric the parser defaults to (`steerkit.prompts`, ``tutor.yaml``).
-TUTOR_PROMPT = "tutor@1"
+TUTOR_PROMPT = "tutor@2"
 
 
 # ---- the fence --------------------------------------------------------------------------------

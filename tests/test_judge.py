@@ -178,7 +178,7 @@ def test_not_a_judge_rubric() -> None:
     with pytest.raises(ValueError, match="not a judge rubric"):
         judge_dialogue_requests(dialogue(("q", "a")), prompt="student_system@1")
     with pytest.raises(ValueError, match="not a judge rubric"):
-        judge_dialogue_requests(dialogue(("q", "a")), prompt="tutor@1")
+        judge_dialogue_requests(dialogue(("q", "a")), prompt="tutor@2")
 
 
 # ---- the rules judge --------------------------------------------------------------------------
