@@ -10,7 +10,10 @@ is instant.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing would double the import time
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
