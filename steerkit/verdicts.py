@@ -11,9 +11,9 @@ Model text is adversarial twice over, and both graders defend the same way:
 Scores are read by one rule, `level`: an integer, an integral float, or a string such as ``"3"``,
 ``"3.0"`` or ``"2/3"`` whose denominator is the top of the scale. Anything else is *unscored* with
 its reason (``empty``, ``parse_failure``, ``off_scale``, or the call's own ``blocked``/``error``),
-never an invented score. The judge's scales are helpfulness 0..3 and harmlessness -3..3; the tutor's
-are safety, usefulness and faithfulness 1..10 (`steerkit.schema.SCALES`; docs/method.md sections 4,
-6).
+never an invented score. The scales are in `steerkit.schema.SCALES`: the judge's helpfulness 0..3
+and harmlessness -3..3 (docs/method.md section 6), the tutor's safety, usefulness and faithfulness
+1..10 (docs/method.md section 4).
 """
 
 from __future__ import annotations
