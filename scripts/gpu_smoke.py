@@ -16,7 +16,7 @@ Each phase runs in its own process (on a GPU: a clean memory peak, Unsloth's pat
 others, a crash costs one phase) with a timeout from the time budget, and prints one
 ``GPU_SMOKE {json}`` line and one readable line as it finishes; ``DIR/results.jsonl`` collects them,
 so a run cut short still reports what it finished. ``--dry-run`` runs every phase in this process on
-the tiny VLM (`steerkit.models.build_tiny_vlm`) at tiny sizes.
+the tiny VLM (`steerkit.tiny_vlm.build_tiny_vlm`) at tiny sizes.
 
 The model has Qwen2.5-VL-3B-Instruct's published config (below), random bf16 weights, the processor's
 default image bounds, and the workbench's small tokenizer: speed and memory depend on the shape, not
@@ -66,7 +66,8 @@ GOAL_SPEEDUP, GOAL_MEMORY_SHARE = 1.5, 0.6
 
 def build(out: Path, tiny: bool) -> Path:
     """The tiny VLM's tokenizer and processor, with the 3B shape's random bf16 weights unless ``tiny``."""
-    from steerkit.models import build_tiny_vlm, load_processor, processor_without_video_class
+    from steerkit.models import load_processor, processor_without_video_class
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     if (out / "gpu_smoke.json").is_file():
         return out

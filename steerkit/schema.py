@@ -1,5 +1,7 @@
 """Records of the workbench, strict JSONL loading, and conversions to TRL rows.
 
+Size: every record type and its strict loader in one file, so the JSONL contract reads in one place.
+
 A dialogue as one JSONL line (image paths are relative to the file's folder)::
 
     {"id": "sr-0007-obf", "kind": "obfuscated", "strategy": "progressive_disclosure",
@@ -157,11 +159,6 @@ class Dialogue(_Strict):
     @property
     def user_texts(self) -> list[str]:
         return [m.content for m in self.messages if m.role == "user"]
-
-    def _repr_html_(self) -> str:
-        from steerkit.render import dialogue_html
-
-        return dialogue_html(self)
 
 
 class Seed(_Strict):

@@ -31,7 +31,7 @@ def test_notebook_01_writes_the_run_directory_contract(tmp_path):
 
 @pytest.mark.slow
 def test_notebook_01_runs_without_red_team_seeds_or_a_bench(tmp_path):
-    """The learning-check data (benchmarks/README.md): no M4 scripts and no bench split, so steer_bench.jsonl
+    """The learning-check data (benchmarks/LOG.md): no M4 scripts and no bench split, so steer_bench.jsonl
     is empty; the notebook's own checks and loaders must accept that."""
     ex = execute("01", {"n_benign": 3, "n_obfuscated": 3, "n_redteam": 0, "bench_share": 0.0, "show_dialogues": 1},
                  runs_root=tmp_path, run_id="no-bench")
