@@ -62,6 +62,9 @@ def _trainer_class() -> type:
         live in other columns of the same rows, kept here for the duration of one generation batch.
         """
 
+        #: during a loss computation, the completion positions the loss does not read (env_mask 0)
+        _unread: Any = None
+
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             self.rollout_rows = inputs
             try:
@@ -69,7 +72,61 @@ def _trainer_class() -> type:
             finally:
                 self.rollout_rows = None
 
+        def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+            """TRL's loss with the log-probs of the positions it does not read set to 0 on all sides.
+
+            TRL 1.16 evaluates the k3 KL ``exp(ref - cur) - (ref - cur) - 1`` at every completion
+            position and applies the loss mask afterwards. At the tutor's inserted turns (env_mask 0)
+            the policy is never trained, so ``ref - cur`` can grow without bound; past about 88 the
+            exponential is inf, and inf x 0 is NaN in the loss and in every gradient (a finite logged
+            loss, a NaN grad_norm). With the reference, old and current log-probs all 0 there, the KL
+            and the importance ratio are exactly 0 and 1 at those positions and nothing flows back.
+            """
+            keep = inputs.get("tool_mask")
+            if keep is None:
+                return super()._compute_loss(model, inputs)
+            unread = keep == 0
+            inputs = dict(inputs)
+            for name in ("ref_per_token_logps", "old_per_token_logps", "sampling_per_token_logps"):
+                if inputs.get(name) is not None and inputs[name].shape == unread.shape:
+                    inputs[name] = inputs[name].masked_fill(unread, 0.0)
+            self._unread = unread
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._unread = None
+
+        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if self._unread is not None and logps.shape == self._unread.shape:
+                # masked_fill: no gradient reaches the filled positions (a multiply by 0 would carry NaN)
+                logps = logps.masked_fill(self._unread, 0.0)
+            return logps, entropies, aux
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().train(*args, **kwargs)
+            acc = self.accelerator
+            if acc.num_processes > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                # data parallel: every process holds the whole model, and all must hold the same one
+                log.info("process %d of %d: trained weights sha256 %s", acc.process_index, acc.num_processes,
+                         weights_digest(acc.unwrap_model(self.model)))
+            return out
+
     return TutorGRPOTrainer
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes and bytes, in name order)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class TutorRollout:
