@@ -469,6 +469,7 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
                            output_dir=run.path / "trainer", run_dir=run.path)
     trainer.add_callback(_jsonl_log_callback(logs[TRAIN_LOG]))
+    run.update_manifest(world_size=trainer.accelerator.num_processes)  # prompts_per_step is per process
     trainer.train()
     ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
     metrics, train_log = read_records(logs[METRICS_FILE]), read_records(logs[TRAIN_LOG])
@@ -483,14 +484,26 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
 
 
 def save_checkpoint(trainer: Any, dest: Path) -> Path:
-    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class."""
+    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class.
+
+    In a multi-process launch the main process writes it. With FSDP or ZeRO-3 the weights are sharded:
+    every process takes part in gathering them (``Trainer.save_model``), and a LoRA run leaves the
+    adapter, not merged weights (docs/multi_gpu.md).
+    """
     from peft import PeftModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(dest)
-    trainer.processing_class.save_pretrained(dest)
+    acc = trainer.accelerator
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(dest))
+        if acc.is_main_process:
+            trainer.processing_class.save_pretrained(dest)
+    elif acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        model.save_pretrained(dest)
+        trainer.processing_class.save_pretrained(dest)
+    acc.wait_for_everyone()
     return dest
 
 
@@ -506,3 +519,9 @@ def _jsonl_log_callback(path: Path) -> Any:
                 ResultLog(path, key="step", fsync=False).append({"step": state.global_step, **clean})
 
     return JsonlLog()
+
+
+if __name__ == "__main__":  # python -m steerkit.grpo / accelerate launch -m steerkit.grpo (steerkit.grpo_cli)
+    from steerkit.grpo_cli import main
+
+    main()
