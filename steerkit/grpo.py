@@ -55,6 +55,8 @@ BETA = 0.001
 def _trainer_class() -> type:
     from trl import GRPOTrainer
 
+    from steerkit.distributed import weights_digest, whole_weights
+
     class TutorGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that lets the rollout function see the dataset rows behind its prompts.
 
@@ -103,6 +105,11 @@ def _trainer_class() -> type:
                 logps = logps.masked_fill(self._unread, 0.0)
             return logps, entropies, aux
 
+        def _generate(self, prompts: list[Any]) -> Any:
+            # FSDP2 / ZeRO-3: processes decode different numbers of steps (steerkit.distributed)
+            with whole_weights(self.model_wrapped, self.accelerator):
+                return super()._generate(prompts)
+
         def train(self, *args: Any, **kwargs: Any) -> Any:
             out = super().train(*args, **kwargs)
             acc = self.accelerator
@@ -113,20 +120,6 @@ def _trainer_class() -> type:
             return out
 
     return TutorGRPOTrainer
-
-
-def weights_digest(model: Any) -> str:
-    """sha256 over a model's state dict (names, dtypes, shapes and bytes, in name order)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class TutorRollout:

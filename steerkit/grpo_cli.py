@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def shared_run_id(config: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from steerkit.grpo import run_grpo
+    from steerkit.grpo import _cuda, run_grpo
     from steerkit.sft import distributed_state
 
     parser = argparse.ArgumentParser(prog="python -m steerkit.grpo", description=__doc__.split("\n")[0])
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> Path:
     state = distributed_state()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [{state.process_index}/{state.num_processes}] %(name)s %(message)s")
+    sharded = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(v, "").lower() == "true"]
+    if sharded and not _cuda():  # the trainer would fall back to plain data parallel without a word
+        raise ValueError(f"{', '.join(sharded)}: FSDP and DeepSpeed launches need CUDA GPUs; on CPU use"
+                         " configs/accelerate/ddp.yaml")
     if state.num_processes > 1 and not config.rl_data:
         # every process would write the smoke set into the same folder at once
         raise ValueError(f"{ns.config}: a {state.num_processes}-process launch needs rl_data (a STEER-RL file or"

@@ -55,7 +55,7 @@ def test_two_process_grpo_launch_shares_the_work_and_ends_with_equal_weights(tin
     turns times, not once per process. Both processes end with the same weights, the main process
     alone writes the run directory, and the manifest names the world size.
     """
-    from steerkit.grpo import weights_digest
+    from steerkit.distributed import weights_digest
     from steerkit.models import load_student
     from steerkit.rl_data import seed_rl_dialogues
 
@@ -105,3 +105,41 @@ def test_two_process_grpo_launch_shares_the_work_and_ends_with_equal_weights(tin
     start, _ = load_student(tiny_vlm_dir)
     trained, _ = load_student(run_dir / CHECKPOINT)
     assert weights_digest(trained) == digests["0"] != weights_digest(start)
+
+
+FSDP2_SCRIPT = '''
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from steerkit.distributed import unsharded
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+mesh = init_device_mesh("cpu", (2,))
+for layer in (model[0], model[2]):
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+with unsharded(model), torch.no_grad():
+    for _ in range(1 + 3 * rank):  # one process decodes 1 step, the other 4: no collective may be left waiting
+        model(torch.randn(2, 8))
+assert isinstance(model[0].weight, DTensor)  # sharded again
+model(torch.randn(2, 8)).sum().backward()  # and training goes on
+assert all(bool(p.grad.full_tensor().isfinite().all()) for p in model.parameters())
+print(f"rank {rank} ok", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_weights_stay_whole_through_unequal_rollouts(tmp_path):
+    """Under FSDP2 every forward pass gathers shards collectively; processes whose rollouts decode
+    different numbers of steps hang unless the weights are gathered once for the whole rollout."""
+    script = tmp_path / "fsdp2_rollout.py"
+    script.write_text(FSDP2_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d ok", proc.stdout)) == ["rank 0 ok", "rank 1 ok"]
