@@ -106,6 +106,8 @@ def _trainer_class() -> type:
             return logps, entropies, aux
 
         def _generate(self, prompts: list[Any]) -> Any:
+            if self.use_vllm:  # vLLM decodes; the trained model runs no forward pass in the rollout
+                return super()._generate(prompts)
             # FSDP2 / ZeRO-3: processes decode different numbers of steps (steerkit.distributed)
             with whole_weights(self.model_wrapped, self.accelerator):
                 return super()._generate(prompts)
