@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Self, TextIO
 
 from steerkit.layout import PROGRESS_FILE
+from steerkit.runs import writes_run_files
 
 #: Trainer log values a progress line carries (SFT's loss; GRPO's loss and mean reward).
 SHOWN_LOGS = ("loss", "reward")
@@ -91,7 +92,7 @@ class Progress:
 
     def _write(self, extra: dict[str, Any]) -> None:
         self._last_write = time.monotonic()
-        if self.path is None:
+        if self.path is None or not writes_run_files():  # one writer in a multi-process launch
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:  # one short append: a kill loses one line at most
