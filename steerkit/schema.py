@@ -394,7 +394,7 @@ def read_parquet(cls: type[R], path: str | Path, *, check_images: bool = True) -
     path = Path(path)
     try:
         table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises unrelated types for a damaged file
         raise RecordError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield parse_line(cls, json.dumps(row, default=str), path=path, lineno=i, check_images=check_images)
