@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.clients import ChatClient
-from steerkit.layout import CHECKPOINT, MAX_TURNS, METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
+from steerkit.layout import (
+    CHECKPOINT,
+    MAX_TURNS,
+    METRICS_FILE,
+    REPLY_CACHE,
+    TRAIN_LOG,
+    TRAJECTORIES_FILE,
+)
 from steerkit.rewards import (
     PAPER_WEIGHTS,
     PROPER_TURN,
@@ -194,6 +201,12 @@ class GRPORunConfig:
         n_prompts: how many RL dialogues to use (0: all).
         prompts_per_step: B, prompts per optimiser step (each rolled out K times).
         num_generations: K (method.md 4: 5).
+        per_device_batch: rows per forward/backward pass on one process (0: derived; both this and
+            ``gradient_accumulation`` 0 put the whole step of B x K rows in one pass).
+        gradient_accumulation: micro-batches per step on each process (0: derived). B x K must equal
+            per_device_batch x gradient_accumulation x processes (`steerkit.grpo_batching`).
+        generation_batch: rows rolled out at once, all processes (0: one step's B x K rows; a multiple
+            of B x K rolls out several steps at a time).
         max_steps: optimiser steps.
         learning_rate: method.md 4: 1e-5.
         lr_scheduler: the learning-rate schedule (transformers' names); the paper does not give one, so
@@ -215,7 +228,12 @@ class GRPORunConfig:
         lora_r: LoRA rank.
         use_vllm: TRL's vLLM flag, passed through (GPU only; see the module docstring).
         vllm_mode: "colocate" or "server".
-        save_steps: checkpoint every this many steps (0: only at the end).
+        save_steps: a resumable trainer checkpoint every this many steps (0: none; a killed run then
+            starts again from step 0). See `steerkit.grpo_resume`.
+        save_total_limit: trainer checkpoints kept (the newest ones).
+        gradient_checkpointing: recompute activations in the backward pass (saves GPU memory on long
+            multi-turn rows; on CPU it only costs time).
+        report_to: "none" or "wandb" (`steerkit.tracking`: offline without a key, never in CI).
         seed: everything random.
         with_images: give the seed-built RL set packaged photos (VLM students only).
         run_id: the run directory's name ("" for a new timestamped one); runs_root: its root
@@ -229,6 +247,9 @@ class GRPORunConfig:
     n_prompts: int = 0
     prompts_per_step: int = 2
     num_generations: int = NUM_GENERATIONS
+    per_device_batch: int = 0
+    gradient_accumulation: int = 0
+    generation_batch: int = 0
     max_steps: int = 2
     learning_rate: float = LEARNING_RATE
     lr_scheduler: str = "linear"
@@ -250,6 +271,9 @@ class GRPORunConfig:
     use_vllm: bool = False
     vllm_mode: str = "colocate"
     save_steps: int = 0
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    report_to: str = "none"
     seed: int = 0
     with_images: bool = False
     run_id: str = ""
@@ -267,10 +291,21 @@ class GRPOResult:
 def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], *, tutor: ChatClient,
                  config: GRPORunConfig, output_dir: Path, run_dir: Path | None = None,
                  reward: TrajectoryReward | None = None) -> Any:
-    """A `TutorGRPOTrainer` wired to the tutor rollout and the TCSR (or ablation) reward."""
+    """A `TutorGRPOTrainer` wired to the tutor rollout and the TCSR (or ablation) reward.
+
+    The batch layout is checked first (`steerkit.grpo_batching.resolve_batching`, processes from
+    ``WORLD_SIZE``); the trainer carries it as ``trainer.batching`` and the tracker choice as
+    ``trainer.tracking``.
+    """
     import datasets
     from trl import GRPOConfig
 
+    from steerkit.grpo_resume import StepRollout
+    from steerkit.tracking import resolve_report_to
+
+    batching = batching_of(config)
+    tracking = resolve_report_to(config.report_to)
+    tracking.apply()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     reward = reward or TrajectoryReward(aggregator=config.aggregator, alpha=config.alpha,
                               weights=turn_weights(config.turn_weights), authors_zero_final=config.authors_zero_final)
@@ -279,9 +314,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
                          generation_dtype=config.generation_dtype)
     args = GRPOConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
-        gradient_accumulation_steps=1,
-        num_generations=config.num_generations,
+        **batching.trl_args(),
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -294,11 +327,13 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
         max_completion_length=config.max_turns * config.max_new_tokens,
         use_vllm=config.use_vllm,
         vllm_mode=config.vllm_mode,
-        gradient_checkpointing=False,  # on CPU it only costs time (STACK.md)
+        **{_CHECKPOINTING: config.gradient_checkpointing},  # TRL's default is on; on CPU it only costs time
         logging_steps=1,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
-        report_to="none",
+        save_total_limit=config.save_total_limit,
+        report_to=tracking.report_to,
+        run_name=Path(output_dir).parent.name,
         seed=config.seed,
         use_cpu=not _cuda(),
         bf16=_cuda(),
@@ -317,10 +352,26 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir), callbacks=[guard],
+        rollout_func=StepRollout(TutorRollout(tutor, rcfg, reward, run_dir=run_dir), seed=config.seed, reward=reward),
+        callbacks=[guard],
     )
     trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
+    trainer.batching, trainer.tracking = batching, tracking
     return trainer
+
+
+#: transformers 5.2x renamed ``gradient_checkpointing``; the old name only warns (see steerkit.sft).
+_CHECKPOINTING = "activation_checkpointing"
+
+
+def batching_of(config: GRPORunConfig) -> Any:
+    """The run's checked `steerkit.grpo_batching.Batching` (processes from ``WORLD_SIZE``)."""
+    from steerkit.grpo_batching import resolve_batching
+
+    return resolve_batching(config.prompts_per_step, config.num_generations, per_device_batch=config.per_device_batch,
+                            gradient_accumulation=config.gradient_accumulation,
+                            generation_batch=config.generation_batch,
+                            processes=int(os.environ.get("WORLD_SIZE", "1")), save_steps=config.save_steps)
 
 
 def _nonfinite_grad_guard() -> Any:
@@ -367,17 +418,28 @@ def resolve_init(path: str) -> str:
 def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -> GRPOResult:
     """Run Stage III into ``<runs_root>/03_grpo_tutor_tcsr/<run_id>/`` and return where things are.
 
-    The run directory holds ``manifest.json``, ``metrics.jsonl`` (per step), ``trajectories.jsonl``,
-    ``train_log.jsonl`` (TRL's loss, KL, grad norm per step) and ``checkpoint/`` (the trained model,
-    LoRA merged, with its processing class: loadable as ``hf:<run>/checkpoint``). A finished run with
-    the same id is returned as it is; an interrupted one is trained again from the start (its partial
-    logs are cleared): a GRPO step is not resumable mid-rollout.
+    The run directory holds ``manifest.json`` (with the batch layout), ``metrics.jsonl`` (per step),
+    ``trajectories.jsonl``, ``train_log.jsonl`` (TRL's loss, KL, clipped ratio, grad norm and the
+    tutor-side metrics per step), ``trainer/checkpoint-N`` every ``save_steps`` steps, the tutor's
+    reply cache ``cache/`` and ``checkpoint/`` (the trained model, LoRA merged, with its processing
+    class: loadable as ``hf:<run>/checkpoint``). A finished run with the same id is returned as it is;
+    an interrupted one continues from its last complete trainer checkpoint (`steerkit.grpo_resume`),
+    or from step 0 when it has none.
     """
     from steerkit.converse import STUDENT_SYSTEM
+    from steerkit.grpo_resume import (
+        checkpoint_step,
+        load_checkpoint_weights,
+        resume_point,
+        trim_logs,
+    )
+    from steerkit.grpo_tracking import wandb_run
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
+    from steerkit.sft import TRAINER_DIR
 
+    batching_of(config)  # a batch layout that does not add up stops here, before any run directory
     student = resolve_init(config.init_checkpoint) if config.init_checkpoint else config.student
     run = open_run(
         STAGE, run_id=config.run_id or None, root=config.runs_root or None, parameters=asdict(config),
@@ -391,8 +453,8 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
         run.update_manifest(status="finished")
         return GRPOResult(run.path, run.path / CHECKPOINT, read_records(logs[METRICS_FILE]),
                           read_records(logs[TRAIN_LOG]))
-    for f in logs.values():
-        f.unlink(missing_ok=True)
+    resume = resume_point(run.path / TRAINER_DIR)
+    trim_logs(run.path, checkpoint_step(resume))
     import torch
 
     torch.manual_seed(config.seed)
@@ -407,12 +469,18 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     if config.n_prompts:
         records = records[: config.n_prompts]
     rows = rl_rows(records, root, vision=vision, captions=None if vision else load_captions(root, records))
-    model, processing_class = load_student(student)
-    tutor = tutor_client or Roles({"tutor": config.tutor}).client("tutor")
+    if resume is not None and not config.lora:  # a LoRA adapter resumes through the trainer
+        model, processing_class = load_checkpoint_weights(resume, str(resolve_model_path(student)))
+    else:
+        model, processing_class = load_student(student)
+    tutor = tutor_client or Roles({"tutor": config.tutor}, cache_dir=run.path / REPLY_CACHE).client("tutor")
     trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
-                           output_dir=run.path / "trainer", run_dir=run.path)
+                           output_dir=run.path / TRAINER_DIR, run_dir=run.path)
     trainer.add_callback(_jsonl_log_callback(logs[TRAIN_LOG]))
-    trainer.train()
+    run.update_manifest(batching=trainer.batching.manifest(), tracking=trainer.tracking.manifest(),
+                        resumed_from=str(resume) if resume else None, resumed_at_step=checkpoint_step(resume))
+    with wandb_run(trainer.tracking.report_to, run.path, config=asdict(config), group=STAGE):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
     metrics, train_log = read_records(logs[METRICS_FILE]), read_records(logs[TRAIN_LOG])
     first, last = metrics[0], metrics[-1]
@@ -421,19 +489,29 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
                start_share_worst_turn_safe=first["share_worst_turn_safe"],
                end_share_worst_turn_safe=last["share_worst_turn_safe"],
                unscored=sum(m["unscored"] for m in metrics), steps=len(metrics),
-               skipped_nonfinite_steps=trainer.skipped_nonfinite_steps)
+               global_step=trainer.state.global_step, skipped_nonfinite_steps=trainer.skipped_nonfinite_steps)
     return GRPOResult(run.path, ckpt, metrics, train_log)
 
 
 def save_checkpoint(trainer: Any, dest: Path) -> Path:
-    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class."""
+    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class.
+
+    Written beside ``dest`` and renamed into place, so a kill mid-save never leaves a ``dest`` that
+    looks finished.
+    """
+    import shutil
+
     from peft import PeftModel
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    model.save_pretrained(dest)
-    trainer.processing_class.save_pretrained(dest)
+    partial = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    trainer.processing_class.save_pretrained(partial)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
     return dest
 
 

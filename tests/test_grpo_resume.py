@@ -1,0 +1,268 @@
+"""GRPO batching, resume after a real SIGKILL, and wandb reporting, on the tiny VLM.
+
+The kill test runs GRPO in a child process against a tutor served by a `LoopbackServer` started here,
+so the server outlives the kill and counts every tutor request of both attempts. The child is held
+(by a patch in its own script) after the rollout of step 3, past checkpoint-2, and killed with
+SIGKILL there; the rerun under the same run id must reach the uninterrupted run's result: the same
+steps, each logged once, the same losses, and no tutor request sent again for a finished step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steerkit.backends.scripted import ScriptedBackend
+from steerkit.grpo import GRPORunConfig, batching_of
+from steerkit.grpo_batching import resolve_batching
+from steerkit.grpo_resume import trim_logs
+from steerkit.layout import METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
+from steerkit.runs import read_records
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+
+def test_the_authors_layout_and_the_full_profile_on_one_gpu():
+    # the authors: 64 prompts x 5, micro-batch 2 per GPU on 4 GPUs -> 40 micro-batches per step
+    four = resolve_batching(64, 5, per_device_batch=2, processes=4)
+    assert (four.gradient_accumulation, four.rows_per_step, four.generation_batch) == (40, 320, 320)
+    one = resolve_batching(64, 5, per_device_batch=2)
+    assert one.gradient_accumulation == 160
+    assert one.trl_args() == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 160,
+                              "num_generations": 5, "generation_batch_size": 320}
+    assert one.manifest()["steps_per_generation"] == 160  # TRL's micro-steps per rollout
+    # the default: a whole step in one pass, as before these fields existed
+    assert resolve_batching(2, 4).trl_args()["per_device_train_batch_size"] == 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(per_device_batch=6, gradient_accumulation=8),
+     "GRPO batching: 64 x 5 = 320 rows per step do not divide into per-device batch 6 x accumulation 8 x 1 process"
+     " (= 48 rows); choose per_device_batch x gradient_accumulation x processes = 320"),
+    (dict(per_device_batch=3), "320 rows per step do not divide into per-device batch 3 x 1 process"),
+    (dict(gradient_accumulation=7, processes=2), "320 rows per step do not divide into accumulation 7 x 2 processes"),
+    (dict(generation_batch=480), "generation_batch 480 is not a whole number of steps; use a multiple of 320"),
+    (dict(generation_batch=640, save_steps=3), "covers 2 steps, so save_steps (3) must be a multiple of 2"),
+])
+def test_a_layout_that_does_not_add_up_says_the_arithmetic(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        resolve_batching(64, 5, **kwargs)
+    assert message in str(err.value)
+
+
+def test_run_grpo_refuses_a_bad_layout_before_it_creates_a_run(tmp_path):
+    from steerkit.grpo import run_grpo
+
+    with pytest.raises(ValueError, match="2 x 2 = 4 rows per step do not divide into per-device batch 3"):
+        run_grpo(GRPORunConfig(prompts_per_step=2, num_generations=2, per_device_batch=3, runs_root=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_trl_gets_the_layout(tiny_vlm_dir, tmp_path):
+    from steerkit.grpo import make_trainer
+    from steerkit.models import load_student
+    from steerkit.rl_data import rl_rows, seed_rl_dialogues
+
+    model, proc = load_student(tiny_vlm_dir)
+    scripts, root = seed_rl_dialogues(tmp_path / "rl", 2, turns=2)
+    cfg = GRPORunConfig(prompts_per_step=2, num_generations=2, per_device_batch=1, generation_batch=8,
+                        max_steps=2, lora=False)
+    trainer = make_trainer(model, proc, rl_rows(scripts, root, vision=True), tutor=_client(), config=cfg,
+                           output_dir=tmp_path / "t")
+    a = trainer.args
+    assert (a.per_device_train_batch_size, a.gradient_accumulation_steps, a.generation_batch_size,
+            a.steps_per_generation, a.num_generations) == (1, 4, 8, 8, 2)
+    assert trainer.batching == batching_of(cfg)
+
+
+# ---- log trimming --------------------------------------------------------------------------------
+
+
+def test_trim_logs_keeps_exactly_the_checkpointed_steps(tmp_path):
+    def write(name, steps, torn=False):
+        text = "".join(json.dumps({"step": s, "id": f"{s}-{k}"}) + "\n" for s in steps for k in range(2))
+        (tmp_path / name).write_text(text + ('{"step": 9, "id"' if torn else ""))
+
+    write(METRICS_FILE, [0, 1, 2])  # rollouts of steps 1..3 are numbered 0..2
+    write(TRAJECTORIES_FILE, [0, 1, 2], torn=True)  # a record cut by the kill
+    write(TRAIN_LOG, [1, 2, 3])
+    assert trim_logs(tmp_path, 2) == {METRICS_FILE: 2, TRAJECTORIES_FILE: 2, TRAIN_LOG: 2}
+    assert [r["step"] for r in read_records(tmp_path / METRICS_FILE)] == [0, 0, 1, 1]
+    assert [r["step"] for r in read_records(tmp_path / TRAJECTORIES_FILE)] == [0, 0, 1, 1]
+    assert [r["step"] for r in read_records(tmp_path / TRAIN_LOG)] == [1, 1, 2, 2]
+    assert trim_logs(tmp_path, 2) == {}
+    trim_logs(tmp_path, 0)  # no checkpoint: everything goes
+    assert all(read_records(tmp_path / n) == [] for n in (METRICS_FILE, TRAJECTORIES_FILE, TRAIN_LOG))
+
+
+# ---- the tutor ---------------------------------------------------------------------------------------
+
+
+def grade(request) -> str:
+    """A tutor whose scores are a function of the request's content (so a repeated question gets the
+    same answer whether it is served or cached), varied enough that GRPO groups differ."""
+    text = "".join(m.content if isinstance(m.content, str) else json.dumps(m.content, default=str)
+                   for m in request.messages)
+    level = 1 + int(hashlib.sha256(text.encode()).hexdigest(), 16) % 10
+    return json.dumps({"diagnosis": "graded", "attack_strategy": "persistence", "new_question": "",
+                       "scores": {"safety": level, "usefulness": 11 - level, "faithfulness": 5}})
+
+
+def _client():
+    from steerkit.clients import ChatClient
+
+    return ChatClient(ScriptedBackend(grade, name="graded"), role="tutor")
+
+
+# ---- kill -9 and resume ----------------------------------------------------------------------------
+
+GRPO = """
+import sys, time
+from steerkit import grpo_resume
+from steerkit.grpo import GRPORunConfig, run_grpo
+
+student, tutor, runs, run_id, hold_at = sys.argv[1:]
+if int(hold_at):
+    # Hold after the rollout of the step after checkpoint-<hold_at>: its tutor replies are cached and
+    # its metrics written, its update not made. The kill lands there every time.
+    call = grpo_resume.StepRollout.__call__
+
+    def held(self, prompts, trainer):
+        out = call(self, prompts, trainer)
+        if trainer.state.global_step == int(hold_at):
+            print("holding", flush=True)
+            time.sleep(300)
+        return out
+
+    grpo_resume.StepRollout.__call__ = held
+run_grpo(GRPORunConfig(student=student, tutor=tutor, prompts_per_step=2, num_generations=2, per_device_batch=2,
+                       gradient_accumulation=2, max_steps=%(steps)d, save_steps=%(save)d, max_turns=2,
+                       max_new_tokens=6, lora=False, learning_rate=1e-3, with_images=True, runs_root=runs,
+                       run_id=run_id))
+"""
+STEPS, SAVE = 4, 2
+
+
+def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tutor_again(
+        tmp_path, tiny_vlm_dir, loopback_server):
+    from steerkit.grpo import STAGE
+    from steerkit.sft import TRAINER_DIR, complete_checkpoint
+
+    backend = ScriptedBackend(grade, name="graded")
+    server = loopback_server(backend=backend)
+    tutor = f"openai:graded@{server.base_url}"
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    script = GRPO % {"steps": STEPS, "save": SAVE}
+
+    def start(run_id: str, hold_at: int = 0) -> tuple[subprocess.Popen, Path]:
+        out = tmp_path / f"{run_id}-{time.monotonic_ns()}.log"
+        with out.open("w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_vlm_dir), tutor, str(runs), run_id,
+                                     str(hold_at)], env=env, stdout=f, stderr=subprocess.STDOUT)
+        return proc, out
+
+    def finish(proc: subprocess.Popen, out: Path) -> None:
+        assert proc.wait(timeout=400) == 0, out.read_text()[-3000:]
+
+    def requests() -> list[str]:
+        return [json.dumps([m.content for m in r.messages], default=str) for r in backend.calls]
+
+    t0 = time.perf_counter()
+    clean, killed = runs / STAGE / "clean", runs / STAGE / "killed"
+    finish(*start("clean"))
+    clean_requests = requests()
+    clean_trajs = read_records(clean / TRAJECTORIES_FILE)
+    # one tutor call per answered turn: the server's count is the run's own
+    assert len(clean_requests) == sum(len(t["answers"]) for t in clean_trajs) > 0
+    calls_after_save = sum(len(t["answers"]) for t in clean_trajs if t["step"] >= SAVE)
+    t_clean = time.perf_counter() - t0
+
+    proc, out = start("killed", hold_at=SAVE)
+    try:
+        deadline = time.monotonic() + 300
+        while "holding" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_requests = requests()[len(clean_requests):]
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    assert complete_checkpoint(killed / TRAINER_DIR / f"checkpoint-{SAVE}")
+    assert [m["step"] for m in read_records(killed / METRICS_FILE)] == [0, 1, 2]  # step 3 rolled out, not saved
+    # the killed run asked what the clean run asked, step for step (sampling is seeded per step)
+    assert killed_requests == clean_requests[:len(killed_requests)]
+
+    t0 = time.perf_counter()
+    rerun = start("killed")
+    finish(*rerun)
+    t_resume = time.perf_counter() - t0
+    resumed_requests = requests()[len(clean_requests) + len(killed_requests):]
+    print(f"grpo kill/resume: clean run {t_clean:.1f} s, resume {t_resume:.1f} s; tutor requests: clean"
+          f" {len(clean_requests)}, killed {len(killed_requests)}, resumed {len(resumed_requests)}"
+          f" (steps after checkpoint-{SAVE} in the clean run: {calls_after_save})")
+    # Nothing a finished step asked is asked again: steps 1-2 are in the checkpoint, step 3's replies
+    # come from the run's reply cache, so the rerun asks only step 4's questions.
+    assert not set(resumed_requests) & set(killed_requests)
+    assert len(killed_requests) + len(resumed_requests) == len(clean_requests)
+    assert resumed_requests == clean_requests[len(killed_requests):]
+    assert 0 < len(resumed_requests) < calls_after_save
+
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["resumed_at"]) == 1
+    assert manifest["resumed_from"] == str(killed / TRAINER_DIR / f"checkpoint-{SAVE}")
+    assert manifest["resumed_at_step"] == SAVE
+    assert manifest["summary"]["global_step"] == STEPS
+    assert manifest["batching"]["gradient_accumulation"] == 2 and manifest["batching"]["per_device_batch"] == 2
+    straight = json.loads((clean / "manifest.json").read_text())
+    assert straight["summary"]["global_step"] == STEPS
+    # every step logged once, and the same as the uninterrupted run
+    for name, steps in ((METRICS_FILE, list(range(STEPS))), (TRAIN_LOG, list(range(1, STEPS + 1)))):
+        assert [r["step"] for r in read_records(killed / name)] == steps, name
+    trajs = read_records(killed / TRAJECTORIES_FILE)
+    assert sorted((t["step"], t["row"]) for t in trajs) == sorted((t["step"], t["row"]) for t in clean_trajs)
+    assert [t["answers"] for t in trajs] == [t["answers"] for t in clean_trajs]
+    losses = [(r["loss"], r.get("kl")) for r in read_records(killed / TRAIN_LOG)]
+    assert losses == pytest.approx([(r["loss"], r.get("kl")) for r in read_records(clean / TRAIN_LOG)], rel=1e-4)
+    assert any(abs(k or 0) > 0 for _, k in losses[SAVE:])  # the KL reference is the initial model, not the checkpoint
+
+
+# ---- wandb ---------------------------------------------------------------------------------------
+
+
+def test_grpo_reports_tutor_and_policy_metrics_to_an_offline_wandb_run(tiny_vlm_dir, tmp_path, monkeypatch):
+    from steerkit.grpo import run_grpo
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = GRPORunConfig(student=str(tiny_vlm_dir), prompts_per_step=2, num_generations=2, gradient_accumulation=2,
+                        max_steps=2, max_turns=2, max_new_tokens=6, lora=False, learning_rate=1e-3,
+                        report_to="wandb", run_id="tracked", runs_root=str(tmp_path))
+    result = run_grpo(cfg, tutor_client=_client())
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["tracking"]["report_to"] == "wandb" and manifest["tracking"]["env"] == {"WANDB_MODE": "offline"}
+    (folder,) = (result.run_dir / "wandb").glob("offline-run-*")
+    (log_file,) = folder.glob("*.wandb")
+    data = log_file.read_bytes()
+    keys = ["tcsr/value", "tcsr/worst_turn", "tcsr/mean_turn", "turn_reward/mean", "turn_reward/turn_1",
+            "rollout/unscored_turns", "kl", "clip_ratio/region_mean", "loss"]
+    missing = [k for k in keys if k.encode() not in data]
+    assert not missing, f"{log_file}: no {missing}"
+    # the same per-step values are in the run's own log
+    logged = read_records(result.run_dir / TRAIN_LOG)
+    assert all("tcsr/worst_turn" in r and "kl" in r for r in logged if "loss" in r)
