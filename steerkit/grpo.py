@@ -300,7 +300,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     import datasets
     from trl import GRPOConfig
 
-    from steerkit.grpo_resume import StepRollout
+    from steerkit.grpo_resume import StepRollout, with_epoch_seeded_order
     from steerkit.tracking import resolve_report_to
 
     batching = batching_of(config)
@@ -347,7 +347,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer_cls = _trainer_class()
+    trainer_cls = with_epoch_seeded_order(_trainer_class())
     guard = _nonfinite_grad_guard()
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,

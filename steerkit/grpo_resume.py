@@ -79,6 +79,41 @@ def load_checkpoint_weights(checkpoint: Path, reference: str) -> tuple[Any, Any]
     return model, processing_class
 
 
+def with_epoch_seeded_order(trainer_cls: type) -> type:
+    """``trainer_cls`` whose prompt order in epoch e is a function of (seed, e) alone.
+
+    TRL's ``RepeatSampler`` draws each epoch's permutation from one generator seeded once, so a run
+    resumed in epoch 3 would draw epoch 0's order there (the skipped epochs drew nothing). Seeding per
+    epoch (transformers calls the sampler's ``set_epoch`` at every epoch, resumed or not) gives a
+    resumed run the prompts the uninterrupted one had; the data position within the epoch is the
+    trainer's own batch skipping.
+    """
+
+    class EpochSeededOrder(trainer_cls):  # type: ignore[misc, valid-type]
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            return _EpochSeededSampler(super()._get_train_sampler(dataset))
+
+    EpochSeededOrder.__name__ = EpochSeededOrder.__qualname__ = trainer_cls.__name__
+    return EpochSeededOrder
+
+
+class _EpochSeededSampler:
+    """A TRL ``RepeatSampler`` with ``set_epoch``: reseeds its generator with seed + epoch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def set_epoch(self, epoch: int) -> None:
+        if getattr(self.inner, "shuffle", False) and self.inner.seed is not None:
+            self.inner.generator.manual_seed(self.inner.seed + epoch)
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class StepRollout:
     """A rollout function seeded per step, whose trajectory metrics join the trainer's log.
 

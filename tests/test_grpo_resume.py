@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ from steerkit.grpo_batching import resolve_batching
 from steerkit.grpo_resume import trim_logs
 from steerkit.layout import METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
 from steerkit.runs import read_records
-
 
 # ---- batching ------------------------------------------------------------------------------------
 
@@ -45,13 +45,13 @@ def test_the_authors_layout_and_the_full_profile_on_one_gpu():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(per_device_batch=6, gradient_accumulation=8),
-     "GRPO batching: 64 x 5 = 320 rows per step do not divide into per-device batch 6 x accumulation 8 x 1 process"
-     " (= 48 rows); choose per_device_batch x gradient_accumulation x processes = 320"),
-    (dict(per_device_batch=3), "320 rows per step do not divide into per-device batch 3 x 1 process"),
-    (dict(gradient_accumulation=7, processes=2), "320 rows per step do not divide into accumulation 7 x 2 processes"),
-    (dict(generation_batch=480), "generation_batch 480 is not a whole number of steps; use a multiple of 320"),
-    (dict(generation_batch=640, save_steps=3), "covers 2 steps, so save_steps (3) must be a multiple of 2"),
+    ({"per_device_batch": 6, "gradient_accumulation": 8},
+     ("GRPO batching: 64 x 5 = 320 rows per step do not divide into per-device batch 6 x accumulation 8 x 1 process"
+      " (= 48 rows); choose per_device_batch x gradient_accumulation x processes = 320")),
+    ({"per_device_batch": 3}, "320 rows per step do not divide into per-device batch 3 x 1 process"),
+    ({"gradient_accumulation": 7, "processes": 2}, "320 rows per step do not divide into accumulation 7 x 2 processes"),
+    ({"generation_batch": 480}, "generation_batch 480 is not a whole number of steps; use a multiple of 320"),
+    ({"generation_batch": 640, "save_steps": 3}, "covers 2 steps, so save_steps (3) must be a multiple of 2"),
 ])
 def test_a_layout_that_does_not_add_up_says_the_arithmetic(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -114,7 +114,7 @@ def grade(request) -> str:
                    for m in request.messages)
     level = 1 + int(hashlib.sha256(text.encode()).hexdigest(), 16) % 10
     return json.dumps({"diagnosis": "graded", "attack_strategy": "persistence", "new_question": "",
-                       "scores": {"safety": level, "usefulness": 11 - level, "faithfulness": 5}})
+                       "scores": {"safety": level, "usefulness": level, "faithfulness": 5}})
 
 
 def _client():
@@ -125,6 +125,7 @@ def _client():
 
 # ---- kill -9 and resume ----------------------------------------------------------------------------
 
+# 6 prompts, 2 a step: checkpoint-2 falls inside epoch 1 and step 4 starts epoch 2
 GRPO = """
 import sys, time
 from steerkit import grpo_resume
@@ -146,20 +147,21 @@ if int(hold_at):
     grpo_resume.StepRollout.__call__ = held
 run_grpo(GRPORunConfig(student=student, tutor=tutor, prompts_per_step=2, num_generations=2, per_device_batch=2,
                        gradient_accumulation=2, max_steps=%(steps)d, save_steps=%(save)d, max_turns=2,
-                       max_new_tokens=6, lora=False, learning_rate=1e-3, with_images=True, runs_root=runs,
+                       max_new_tokens=6, lora=False, learning_rate=1e-3, with_images=True, n_prompts=6, runs_root=runs,
                        run_id=run_id))
 """
 STEPS, SAVE = 4, 2
 
 
+@pytest.mark.slow
 def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tutor_again(
         tmp_path, tiny_vlm_dir, loopback_server):
     from steerkit.grpo import STAGE
     from steerkit.sft import TRAINER_DIR, complete_checkpoint
 
-    backend = ScriptedBackend(grade, name="graded")
-    server = loopback_server(backend=backend)
-    tutor = f"openai:graded@{server.base_url}"
+    # one tutor server for the uninterrupted run, one for the killed run and its rerun
+    backends = {run_id: ScriptedBackend(grade, name="graded") for run_id in ("clean", "killed")}
+    servers = {run_id: loopback_server(backend=b) for run_id, b in backends.items()}
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -167,6 +169,7 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
 
     def start(run_id: str, hold_at: int = 0) -> tuple[subprocess.Popen, Path]:
         out = tmp_path / f"{run_id}-{time.monotonic_ns()}.log"
+        tutor = f"openai:{servers[run_id].model}@{servers[run_id].base_url}"
         with out.open("w") as f:
             proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_vlm_dir), tutor, str(runs), run_id,
                                      str(hold_at)], env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -175,19 +178,12 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
     def finish(proc: subprocess.Popen, out: Path) -> None:
         assert proc.wait(timeout=400) == 0, out.read_text()[-3000:]
 
-    def requests() -> list[str]:
-        return [json.dumps([m.content for m in r.messages], default=str) for r in backend.calls]
+    def requests(run_id: str) -> list[str]:
+        return [json.dumps([m.content for m in r.messages], default=str) for r in backends[run_id].calls]
 
     t0 = time.perf_counter()
     clean, killed = runs / STAGE / "clean", runs / STAGE / "killed"
-    finish(*start("clean"))
-    clean_requests = requests()
-    clean_trajs = read_records(clean / TRAJECTORIES_FILE)
-    # one tutor call per answered turn: the server's count is the run's own
-    assert len(clean_requests) == sum(len(t["answers"]) for t in clean_trajs) > 0
-    calls_after_save = sum(len(t["answers"]) for t in clean_trajs if t["step"] >= SAVE)
-    t_clean = time.perf_counter() - t0
-
+    clean_run = start("clean")  # alongside the run to kill: mostly imports, two at once save time
     proc, out = start("killed", hold_at=SAVE)
     try:
         deadline = time.monotonic() + 300
@@ -196,29 +192,39 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
+        finish(*clean_run)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_requests = requests()[len(clean_requests):]
+        for p in (proc, clean_run[0]):
+            if p.poll() is None:
+                p.kill()
+    t_first = time.perf_counter() - t0
+    clean_requests = requests("clean")
+    clean_trajs = read_records(clean / TRAJECTORIES_FILE)
+    # one tutor call per answered turn: the server's count is the run's own
+    assert len(clean_requests) == sum(len(t["answers"]) for t in clean_trajs) > 0
+    assert json.loads((clean / "manifest.json").read_text())["summary"]["unscored"] == 0
+    calls_after_save = sum(len(t["answers"]) for t in clean_trajs if t["step"] >= SAVE)
+    killed_requests = requests("killed")
     assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
     assert complete_checkpoint(killed / TRAINER_DIR / f"checkpoint-{SAVE}")
     assert [m["step"] for m in read_records(killed / METRICS_FILE)] == [0, 1, 2]  # step 3 rolled out, not saved
-    # the killed run asked what the clean run asked, step for step (sampling is seeded per step)
-    assert killed_requests == clean_requests[:len(killed_requests)]
+    # the killed run asked what the clean run asked, step for step (sampling is seeded per step; the
+    # calls of one turn are concurrent, so they reach the server in any order)
+    assert Counter(killed_requests) == Counter(clean_requests[:len(killed_requests)])
 
     t0 = time.perf_counter()
     rerun = start("killed")
     finish(*rerun)
     t_resume = time.perf_counter() - t0
-    resumed_requests = requests()[len(clean_requests) + len(killed_requests):]
-    print(f"grpo kill/resume: clean run {t_clean:.1f} s, resume {t_resume:.1f} s; tutor requests: clean"
+    resumed_requests = requests("killed")[len(killed_requests):]
+    print(f"grpo kill/resume: clean and killed runs {t_first:.1f} s, resume {t_resume:.1f} s; tutor requests: clean"
           f" {len(clean_requests)}, killed {len(killed_requests)}, resumed {len(resumed_requests)}"
           f" (steps after checkpoint-{SAVE} in the clean run: {calls_after_save})")
     # Nothing a finished step asked is asked again: steps 1-2 are in the checkpoint, step 3's replies
     # come from the run's reply cache, so the rerun asks only step 4's questions.
     assert not set(resumed_requests) & set(killed_requests)
     assert len(killed_requests) + len(resumed_requests) == len(clean_requests)
-    assert resumed_requests == clean_requests[len(killed_requests):]
+    assert Counter(resumed_requests) == Counter(clean_requests[len(killed_requests):])
     assert 0 < len(resumed_requests) < calls_after_save
 
     manifest = json.loads((killed / "manifest.json").read_text())
@@ -230,14 +236,18 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
     straight = json.loads((clean / "manifest.json").read_text())
     assert straight["summary"]["global_step"] == STEPS
     # every step logged once, and the same as the uninterrupted run
-    for name, steps in ((METRICS_FILE, list(range(STEPS))), (TRAIN_LOG, list(range(1, STEPS + 1)))):
-        assert [r["step"] for r in read_records(killed / name)] == steps, name
+    assert [r["step"] for r in read_records(killed / METRICS_FILE)] == list(range(STEPS))
+    step_logs = [r for r in read_records(killed / TRAIN_LOG) if "loss" in r]  # not the end-of-training summary
+    assert [r["step"] for r in step_logs] == list(range(1, STEPS + 1))
     trajs = read_records(killed / TRAJECTORIES_FILE)
     assert sorted((t["step"], t["row"]) for t in trajs) == sorted((t["step"], t["row"]) for t in clean_trajs)
     assert [t["answers"] for t in trajs] == [t["answers"] for t in clean_trajs]
-    losses = [(r["loss"], r.get("kl")) for r in read_records(killed / TRAIN_LOG)]
-    assert losses == pytest.approx([(r["loss"], r.get("kl")) for r in read_records(clean / TRAIN_LOG)], rel=1e-4)
-    assert any(abs(k or 0) > 0 for _, k in losses[SAVE:])  # the KL reference is the initial model, not the checkpoint
+    keys = ("loss", "kl", "grad_norm", "tcsr/value")
+    resumed_log = [r[k] for r in step_logs for k in keys]
+    clean_log = [r[k] for r in read_records(clean / TRAIN_LOG) if "loss" in r for k in keys]
+    assert resumed_log == pytest.approx(clean_log, rel=1e-4, abs=1e-12)
+    # after the resume the KL is still measured from the initial model, not from the checkpoint
+    assert all(r["kl"] > 0 for r in step_logs[SAVE:])
 
 
 # ---- wandb ---------------------------------------------------------------------------------------
