@@ -44,6 +44,23 @@ def test_the_authors_layout_and_the_full_profile_on_one_gpu():
     assert resolve_batching(2, 4).trl_args()["per_device_train_batch_size"] == 8
 
 
+def test_the_full_profile_stage_03_layout(monkeypatch):
+    """configs/pipeline_full.yaml's GRPO stage: 64 x 5 in micro-batches of 2, on 1 GPU and on 4."""
+    import dataclasses
+
+    from steerkit.pipeline import load_recipe
+
+    values = load_recipe("full")["stages"]["03"]
+    fields = {f.name for f in dataclasses.fields(GRPORunConfig)}
+    cfg = GRPORunConfig(**{k: v for k, v in values.items() if k in fields})
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = batching_of(cfg)
+    assert (one.rows_per_step, one.per_device_batch, one.gradient_accumulation) == (320, 2, 160)
+    assert cfg.save_steps and cfg.save_steps % one.steps_per_rollout == 0 and cfg.gradient_checkpointing
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert batching_of(cfg).gradient_accumulation == 40  # the authors' 4 GPUs
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"per_device_batch": 6, "gradient_accumulation": 8},
      ("GRPO batching: 64 x 5 = 320 rows per step do not divide into per-device batch 6 x accumulation 8 x 1 process"
