@@ -433,11 +433,11 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
         resume_point,
         trim_logs,
     )
-    from steerkit.grpo_tracking import wandb_run
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
     from steerkit.sft import TRAINER_DIR
+    from steerkit.tracking import wandb_run
 
     batching_of(config)  # a batch layout that does not add up stops here, before any run directory
     student = resolve_init(config.init_checkpoint) if config.init_checkpoint else config.student

@@ -3,19 +3,12 @@
 TRL logs the policy side itself (``kl``, ``clip_ratio/*``, ``reward``, ``loss``, ``grad_norm``); the
 tutor side comes from here: per-turn reward, TCSR with its worst-turn and mean parts
 (docs/method.md section 4: ``TCSR = alpha * min_t r_t + (1 - alpha) * mean_t r_t``), and the turns the
-tutor left unscored. The wandb run is opened only when `steerkit.tracking.resolve_report_to` chose
-wandb (offline without a key, never in CI), writes under the run directory and takes a run id derived
-from the run directory, so a resumed run continues the same wandb run.
+tutor left unscored. They join TRL's per-step log (`steerkit.grpo_resume.StepRollout`), which goes to
+``train_log.jsonl`` and to the wandb run `steerkit.tracking.wandb_run` opens.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from steerkit.rewards import tcsr, turn_reward
@@ -54,28 +47,3 @@ def trajectory_metrics(out: dict[str, Any], reward: Any) -> dict[str, float]:
         at_t = [rs[t] for rs in per_traj if len(rs) > t]
         m[f"turn_reward/turn_{t + 1}"] = sum(at_t) / len(at_t)
     return m
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """A wandb run id for a run directory: its name, made safe, and a hash of its full path."""
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:48]}-{digest}"
-
-
-@contextlib.contextmanager
-def wandb_run(report_to: str, run_dir: Path, *, config: dict[str, Any], group: str) -> Iterator[Any]:
-    """The wandb run a trainer reports into (None when ``report_to`` is not "wandb"), finished on exit.
-
-    Its files go to ``<run_dir>/wandb/``; ``WANDB_PROJECT`` names the project ("steerkit" by default).
-    """
-    if report_to != "wandb":
-        yield None
-        return
-    import wandb
-
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steerkit"), dir=str(run_dir), name=run_dir.name,
-                     id=wandb_run_id(run_dir), resume="allow", group=group, config=config)
-    try:
-        yield run
-    finally:
-        run.finish()
