@@ -265,3 +265,38 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
     assert resumed_log == pytest.approx(clean_log, rel=1e-4, abs=1e-12)
     # after the resume the KL is still measured from the initial model, not from the checkpoint
     assert all(r["kl"] > 0 for r in step_logs[SAVE:])
+
+
+def test_a_lora_run_resumes_through_the_trainer_to_the_same_steps(tiny_vlm_dir, tmp_path):
+    """A LoRA run, cut back to its checkpoint-1 as a kill after step 2's rollout would leave it (the
+    later checkpoint, the final model and the summary gone, step 2's logs still there), resumes to
+    the uninterrupted run's step 2."""
+    import shutil
+
+    from steerkit.grpo import STAGE, run_grpo
+    from steerkit.runs import atomic_write_json
+    from steerkit.sft import TRAINER_DIR
+
+    cfg = GRPORunConfig(student=str(tiny_vlm_dir), prompts_per_step=2, num_generations=2, max_steps=2, save_steps=1,
+                        max_turns=2, max_new_tokens=6, lora=True, learning_rate=1e-2, n_prompts=4,
+                        runs_root=str(tmp_path), run_id="lora")
+    run_dir = tmp_path / STAGE / "lora"
+    tutor = _client()
+    run_grpo(cfg, tutor_client=tutor)
+    clean = {n: read_records(run_dir / n) for n in (METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE)}
+    shutil.rmtree(run_dir / TRAINER_DIR / "checkpoint-2")
+    shutil.rmtree(run_dir / "checkpoint")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.pop("summary")
+    atomic_write_json(run_dir / "manifest.json", {**manifest, "status": "running"})
+    calls = tutor.usage.calls
+    result = run_grpo(cfg, tutor_client=tutor)
+    assert result.checkpoint.is_dir() and tutor.usage.calls - calls == sum(
+        len(t["answers"]) for t in clean[TRAJECTORIES_FILE] if t["step"] == 1)  # only step 2 rolled out again
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed_at_step"] == 1
+    for name, records in clean.items():
+        again = read_records(run_dir / name)
+        assert [r["step"] for r in again] == [r["step"] for r in records], name
+    keys = ("loss", "kl", "grad_norm")
+    resumed = [r[k] for r in read_records(run_dir / TRAIN_LOG) if "loss" in r for k in keys]
+    assert resumed == pytest.approx([r[k] for r in clean[TRAIN_LOG] if "loss" in r for k in keys], rel=1e-4, abs=1e-12)
