@@ -250,10 +250,11 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-        rollout_func=StepRollout(TutorRollout(tutor, rcfg, reward, run_dir=run_dir), seed=config.seed, reward=reward),
-        callbacks=[guard],
+        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir), callbacks=[guard],
     )
     trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
+    # sampling seeded per step, so a step redone after a resume asks the tutor what it asked before
+    trainer.rollout_func = StepRollout(trainer.rollout_func, seed=config.seed, reward=reward)
     trainer.batching, trainer.tracking = batching, tracking
     return trainer
 
@@ -382,24 +383,14 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
 
 
 def save_checkpoint(trainer: Any, dest: Path) -> Path:
-    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class.
-
-    Written beside ``dest`` and renamed into place, so a kill mid-save never leaves a ``dest`` that
-    looks finished.
-    """
-    import shutil
-
+    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class."""
     from peft import PeftModel
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    partial = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    trainer.processing_class.save_pretrained(partial)
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.rename(dest)
+    model.save_pretrained(dest)
+    trainer.processing_class.save_pretrained(dest)
     return dest
 
 
