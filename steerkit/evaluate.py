@@ -159,12 +159,18 @@ def turn_metrics(dialogues: Iterable[Dialogue], *, kind: str = "judge") -> list[
     return out
 
 
-def report_evaluation(run: Run, dialogues: Sequence[Dialogue], *, report_to: str | None,
-                      kind: str = "judge") -> dict[str, Any]:
+def report_evaluation(run: Run, *, report_to: str | None, kind: str = "judge",
+                      dialogues: Sequence[Dialogue] | None = None) -> dict[str, Any]:
     """Send an evaluation's per-turn judge scores and counts to wandb (`steerkit.tracking`: offline
-    without a key, never in CI) and record the choice in the manifest as ``tracking``."""
+    without a key, never in CI) and record the choice in the manifest as ``tracking``.
+
+    ``dialogues`` defaults to the run's own ``dialogues.jsonl`` (what `evaluate` wrote).
+    """
     from steerkit.tracking import resolve_report_to, wandb_run
 
+    if dialogues is None:
+        by_id = {str(r["id"]): r for r in run.results(DIALOGUES_FILE)}  # a redone item's later record wins
+        dialogues = [Dialogue.model_validate(r) for r in by_id.values()]
     tracking = resolve_report_to(report_to)
     tracking.apply()
     run.update_manifest(tracking=tracking.manifest())

@@ -9,9 +9,9 @@ MAX_TURNS = 10  # a dialogue stops after 10 user turns (method.md 4: max_turns 1
 
 # Every run directory.
 MANIFEST_FILE = "manifest.json"  # parameters, roles, prompts, versions, seeds, summary
+REPLY_CACHE = "cache"  # content-addressed reply cache of a run's served roles (one JSONL per role)
 CHECKPOINT = "checkpoint"  # a training run's final model, loadable as hf:<run>/checkpoint
 TRAIN_LOG = "train_log.jsonl"  # the trainer's logged losses, one line per logging step
-REPLY_CACHE = "cache"  # content-addressed reply cache of a run's served roles (one JSONL per role)
 
 # Stage I (01_synthesize_steer) writes, stages II-IV read.
 SEEDS_FILE = "seeds.jsonl"

@@ -55,7 +55,7 @@ def test_turn_metrics_and_an_offline_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert report_evaluation(run, dialogues, report_to="wandb")["report_to"] == "wandb"
+    assert report_evaluation(run, report_to="wandb")["report_to"] == "wandb"
     missing = wandb_keys_missing(run.path, ("judge/harmlessness", "judge/helpfulness", "judge/unscored_turns"))
     assert not missing, f"{run.path / 'wandb'}: no {missing}"
     assert json.loads((run.path / "manifest.json").read_text())["tracking"]["env"] == {"WANDB_MODE": "offline"}
@@ -64,7 +64,7 @@ def test_turn_metrics_and_an_offline_wandb_run(tmp_path, monkeypatch):
 def test_no_wandb_run_when_disabled(tmp_path, monkeypatch):
     run, dialogues = _evaluated(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert report_evaluation(run, dialogues, report_to="wandb")["report_to"] == "none"
+    assert report_evaluation(run, report_to="wandb", dialogues=dialogues)["report_to"] == "none"
     assert not (run.path / "wandb").exists()
 
 
