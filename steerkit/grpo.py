@@ -325,7 +325,7 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
-    from steerkit.sft import TRAINER_DIR
+    from steerkit.sft import TRAINER_DIR, distributed_state, last_complete_checkpoint
     from steerkit.tracking import wandb_run
 
     batching_of(config)  # a batch layout that does not add up stops here, before any run directory
@@ -342,8 +342,11 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
         run.update_manifest(status="finished")
         return GRPOResult(run.path, run.path / CHECKPOINT, read_records(logs[METRICS_FILE]),
                           read_records(logs[TRAIN_LOG]))
-    resume = resume_point(run.path / TRAINER_DIR)
-    trim_logs(run.path, checkpoint_step(resume))
+    state = distributed_state()
+    if state.is_main_process:  # one process tidies the run directory; the others wait and then read it
+        trim_logs(run.path, checkpoint_step(resume_point(run.path / TRAINER_DIR)))
+    state.wait_for_everyone()
+    resume = last_complete_checkpoint(run.path / TRAINER_DIR)
     import torch
 
     torch.manual_seed(config.seed)
