@@ -97,3 +97,12 @@ def test_served_roles_record_the_servers_model_ids_and_options(loopback_server) 
     assert record["red_user"]["model_listed"] is False
     gone = served_roles({"judge": "openai:m@http://127.0.0.1:9/v1"}, timeout=2)
     assert "GET http://127.0.0.1:9/v1/models" in gone["judge"]["server_error"]
+
+
+def test_the_tested_options_are_the_ones_docs_full_run_gives() -> None:
+    import re
+
+    from steerkit.runs import REPO_ROOT
+
+    docs = (REPO_ROOT / "docs/full_run.md").read_text()
+    assert re.findall(r"openai:gpt-5-nano@https://api\.openai\.com/v1(\?[^\"\s]+)", docs) == [REASONING]
