@@ -106,3 +106,24 @@ def test_the_tested_options_are_the_ones_docs_full_run_gives() -> None:
 
     docs = (REPO_ROOT / "docs/full_run.md").read_text()
     assert re.findall(r"openai:gpt-5-nano@https://api\.openai\.com/v1(\?[^\"\s]+)", docs) == [REASONING]
+
+
+def test_the_command_line_server_refuses_as_told() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "steerkit.serve", "--port", "0", "--model", "gpt-5-nano",
+         "--refuse", "max_tokens", "--refuse", "temperature", "--refuse", "top_p"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        base_url = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        ask = Request([Message(role="user", content="over the wire")])
+        plain = ChatClient(make_backend(f"openai:gpt-5-nano@{base_url}")).complete_sync(ask)
+        assert plain.finish == "error" and "?max_tokens_field=max_completion_tokens" in plain.error
+        configured = ChatClient(make_backend(f"openai:gpt-5-nano@{base_url}{REASONING}")).complete_sync(ask)
+        assert configured.text == "over the wire"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
