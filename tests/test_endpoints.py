@@ -76,3 +76,31 @@ def test_grpo_follows_the_authors_scripts(profile: str, lr: float, response: int
     assert grpo["max_turns"] == 10 and response - 10 < grpo["max_turns"] * grpo["max_new_tokens"] <= response
     sft = pl.load_recipe(profile)["stages"]["02"]
     assert sft["finetune"] == "full" and sft["max_steps"] == -1 and sft["learning_rate"] == 1e-5
+
+
+def test_a_stage_runs_with_the_moved_endpoint_and_the_pipeline_records_it(tmp_path: Path) -> None:
+    import json
+
+    import nbformat
+    import yaml
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('runs_root = None\nrun_id = None\njudge = "rules"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from steerkit.runs import open_run\n"
+                                  "open_run('01_x', run_id=run_id, root=runs_root, parameters={'judge': judge}).finish()"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebooks / "01_x.ipynb")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"endpoints": {"grader": "openai:m@http://localhost:8001/v1"},
+                                    "stages": {"01": {"judge": "{grader}"}}}))
+    moved = "openai:m@http://gpu-2:9001/v1"
+    pipe = pl.Pipeline(pl.load_recipe(None, [path]), "p", runs_root=tmp_path / "runs", notebooks_dir=notebooks,
+                       stages=(pl.Stage("01", "01", "synth"),), sets=[f"endpoints.grader={moved}"])
+    manifest = pipe.run()
+    assert manifest["endpoints"] == {"grader": moved} and manifest["stages"]["01"]["parameters"]["judge"] == moved
+    run = json.loads((Path(manifest["stages"]["01"]["run_dir"]) / "manifest.json").read_text())
+    assert run["parameters"]["judge"] == moved
