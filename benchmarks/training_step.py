@@ -138,7 +138,7 @@ def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
 def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import GenerationMixin
 
-    from steerkit import grpo, rollout
+    from steerkit import grpo, grpo_trainer, rollout
     from steerkit.layout import TRAJECTORIES_FILE
 
     parts = Parts()
@@ -155,7 +155,7 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
 
     # run_grpo looks these names up in its module at call time; the wrappers only add timing
     grpo.make_trainer = instrumented_trainer
-    grpo.TutorRollout.__call__ = parts.timed("rollout", grpo.TutorRollout.__call__)
+    grpo_trainer.TutorRollout.__call__ = parts.timed("rollout", grpo_trainer.TutorRollout.__call__)
     rollout.run_sync = parts.timed("tutor", rollout.run_sync)  # the rollout's one tutor batch per turn
     # every model's ``generate`` (the student, or the rollout's generation copy); only the rollout generates
     GenerationMixin.generate = parts.timed("generation", GenerationMixin.generate)
