@@ -7,7 +7,7 @@ Each phase runs the project's own training path in a fresh subprocess, so the pe
 one phase is not masked by another's:
 
 - ``sft-lora``: `steerkit.sft.run_sft` with ``configs/sft_smoke_cpu.yaml`` (LoRA) on a small STEER-SFT
-  set made offline (`steerkit.sft.offline_sft_data`, the ``rules`` roles);
+  set made offline (`steerkit.sft_data.offline_sft_data`, the ``rules`` roles);
 - ``sft-full``: the same recipe with full fine-tuning (learning rate 1e-5, SPEC 3);
 - ``grpo``: `steerkit.grpo.run_grpo` (LoRA, TCSR, the ``rules`` tutor) on `seed_rl_dialogues` prompts.
 
@@ -115,7 +115,8 @@ def token_counts(log: list[dict[str, Any]]) -> dict[int, int]:
 
 
 def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
-    from steerkit.sft import SFTRecipe, run_sft, training_log
+    from steerkit.sft import SFTRecipe, run_sft
+    from steerkit.sft_trainer import training_log
 
     parts = Parts()
     timer = step_timer(parts)
@@ -320,7 +321,7 @@ def main() -> None:
         run_phase(args)
         return
 
-    from steerkit.sft import offline_sft_data
+    from steerkit.sft_data import offline_sft_data
     from steerkit.smollm2 import smollm2_path
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))

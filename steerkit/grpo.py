@@ -148,17 +148,14 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     an interrupted one continues from its last complete trainer checkpoint (`steerkit.grpo_resume`),
     or from step 0 when it has none.
     """
+    from steerkit.checkpoints import checkpoint_step, last_complete_checkpoint, resume_point
     from steerkit.converse import STUDENT_SYSTEM
-    from steerkit.grpo_resume import (
-        checkpoint_step,
-        load_checkpoint_weights,
-        resume_point,
-        trim_logs,
-    )
+    from steerkit.distributed import distributed_state
+    from steerkit.grpo_resume import load_checkpoint_weights, trim_logs
+    from steerkit.layout import TRAINER_DIR
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
-    from steerkit.sft import TRAINER_DIR, distributed_state, last_complete_checkpoint
     from steerkit.tracking import wandb_run
 
     batching_of(config)  # a batch layout that does not add up stops here, before any run directory
