@@ -20,11 +20,12 @@ From a shell (``--fault`` repeats; ``--backend`` takes a role spec)::
 
 Endpoints: ``POST /v1/chat/completions`` (non-streamed, ``n=1``), ``GET /v1/models``, ``GET /stats``
 (request counters by outcome, requests in flight and the most seen at once, images received).
-Requests that arrive together for a ``batched`` backend (a local model) share one ``generate`` call.
+Requests that arrive together for a ``batched`` backend (a local model) share one ``generate`` call
+(`steerkit.serve_batching`).
 
 The wire format is plain OpenAI, nothing added (`steerkit.serve_wire`): the served backend sees a
-`Request` rebuilt from the messages (text, images saved under a temporary folder and referenced from ``Request.root``) and the
-sampling parameters, with no ``task`` or ``fields``. So backends that answer from the messages
+`Request` rebuilt from the messages (text, images saved under a temporary folder and referenced
+from ``Request.root``) and the sampling parameters, with no ``task`` or ``fields``. So backends that answer from the messages
 (scripted functions, real models) can be served; the ``rules`` backend, which dispatches on
 ``Request.task``, cannot, and is used in-process instead. Any client that speaks OpenAI can use the
 server unchanged, and no client needs a special case for it.
