@@ -36,10 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from steerkit.grpo import GRPORunConfig, resolve_init, rollout_metrics, run_grpo
+from steerkit.grpo import GRPORunConfig, resolve_init, run_grpo
+from steerkit.grpo_trainer import rollout_metrics
 from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
-from steerkit.rollout import RolloutConfig, RolloutSample, rollout
 from steerkit.roles import Roles
+from steerkit.rollout import RolloutConfig, RolloutSample, rollout
 
 
 def evaluate(student: str, rows: list[dict], *, samples: int, turns: int, tokens: int, seed: int) -> dict:

@@ -1,6 +1,6 @@
 """Does Stage II SFT teach? SmolLM2 before and after SFT on synthesized STEER-SFT.
 
-Synthesizes a STEER-SFT set offline (`steerkit.sft.offline_sft_data`: the ``rules`` roles), trains the
+Synthesizes a STEER-SFT set offline (`steerkit.sft_data.offline_sft_data`: the ``rules`` roles), trains the
 embedded SmolLM2-135M-Instruct with LoRA (`steerkit.sft.run_sft`), and measures on data it never saw:
 
 - held-out loss: the RL split (no user text shared with SFT), eval loss on assistant tokens;
@@ -56,8 +56,8 @@ def escalation_requests(data_dir: Path, max_tokens: int) -> list:
     data's own assistant turns), under the evaluation system prompt."""
     from steerkit.clients import Request, Sampling
     from steerkit.converse import student_system_prompt
-    from steerkit.sft import load_captions, read_dialogues, with_system
     from steerkit.layout import RL_FILE
+    from steerkit.sft_data import load_captions, read_dialogues, with_system
 
     path = data_dir / RL_FILE
     captions, _ = load_captions(None, path)
@@ -84,8 +84,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from steerkit.sft import SFTRecipe, answers, offline_sft_data, run_sft
     from steerkit.layout import RL_FILE
+    from steerkit.sft import SFTRecipe, run_sft
+    from steerkit.sft_data import answers, offline_sft_data
 
     root = args.runs_root or Path(tempfile.mkdtemp(prefix="sft-learning-"))
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ Each phase runs the project's own training path in a fresh subprocess, so the pe
 one phase is not masked by another's:
 
 - ``sft-lora``: `steerkit.sft.run_sft` with ``configs/sft_smoke_cpu.yaml`` (LoRA) on a small STEER-SFT
-  set made offline (`steerkit.sft.offline_sft_data`, the ``rules`` roles);
+  set made offline (`steerkit.sft_data.offline_sft_data`, the ``rules`` roles);
 - ``sft-full``: the same recipe with full fine-tuning (learning rate 1e-5, SPEC 3);
 - ``grpo``: `steerkit.grpo.run_grpo` (LoRA, TCSR, the ``rules`` tutor) on `seed_rl_dialogues` prompts.
 
@@ -115,7 +115,8 @@ def token_counts(log: list[dict[str, Any]]) -> dict[int, int]:
 
 
 def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
-    from steerkit.sft import SFTRecipe, run_sft, training_log
+    from steerkit.sft import SFTRecipe, run_sft
+    from steerkit.sft_trainer import training_log
 
     parts = Parts()
     timer = step_timer(parts)
@@ -138,7 +139,7 @@ def phase_sft(args: argparse.Namespace, full: bool) -> dict[str, Any]:
 def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import GenerationMixin
 
-    from steerkit import grpo, rollout
+    from steerkit import grpo, grpo_trainer, rollout
     from steerkit.layout import TRAJECTORIES_FILE
 
     parts = Parts()
@@ -155,7 +156,7 @@ def phase_grpo(args: argparse.Namespace) -> dict[str, Any]:
 
     # run_grpo looks these names up in its module at call time; the wrappers only add timing
     grpo.make_trainer = instrumented_trainer
-    grpo.TutorRollout.__call__ = parts.timed("rollout", grpo.TutorRollout.__call__)
+    grpo_trainer.TutorRollout.__call__ = parts.timed("rollout", grpo_trainer.TutorRollout.__call__)
     rollout.run_sync = parts.timed("tutor", rollout.run_sync)  # the rollout's one tutor batch per turn
     # every model's ``generate`` (the student, or the rollout's generation copy); only the rollout generates
     GenerationMixin.generate = parts.timed("generation", GenerationMixin.generate)
@@ -320,7 +321,7 @@ def main() -> None:
         run_phase(args)
         return
 
-    from steerkit.sft import offline_sft_data
+    from steerkit.sft_data import offline_sft_data
     from steerkit.smollm2 import smollm2_path
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))

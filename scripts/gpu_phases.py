@@ -119,7 +119,7 @@ def sft_data(folder: Path, model: Path, sizes: Sizes, n: int) -> tuple[Path, int
     from steerkit.images import load_image
     from steerkit.models import load_processor
     from steerkit.schema import Dialogue, Message, write_jsonl
-    from steerkit.sft import sft_rows
+    from steerkit.sft_data import sft_rows
 
     processor = load_processor(model)
     rng = np.random.default_rng(0)
@@ -156,12 +156,13 @@ def sft_data(folder: Path, model: Path, sizes: Sizes, n: int) -> tuple[Path, int
 
 def sft(model: Path, work: Path, sizes: Sizes, *, backend: str, finetune: str) -> dict[str, Any]:
     """Seconds per optimiser step (median after a warm-up step), tokens/s and peak memory of SFT with
-    the workbench's own trainer (`steerkit.sft.build_trainer`) on the same data and batch."""
+    the workbench's own trainer (`steerkit.sft_trainer.build_trainer`) on the same data and batch."""
     from steerkit.models import StudentUnavailable, unsloth_available
 
     if backend == "unsloth" and unsloth_available():
         import unsloth  # noqa: F401  (before trl and transformers, as Unsloth requires)
-    from steerkit.sft import SFTRecipe, build_trainer
+    from steerkit.sft import SFTRecipe
+    from steerkit.sft_trainer import build_trainer
 
     n = sizes.sft_batch * (sizes.sft_steps + 1)
     data, dialogue_tokens = sft_data(work / "data", model, sizes, n)

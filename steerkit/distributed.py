@@ -1,4 +1,5 @@
-"""Multi-process training helpers: the whole weights during a rollout, and a digest of the weights.
+"""Multi-process training helpers: this process's place in a launch, the whole weights during a rollout,
+and a digest of the weights.
 
 A multi-turn rollout runs as many decoding steps as its longest live dialogue, so two processes run
 different numbers of forward passes. Under FSDP2 or DeepSpeed ZeRO-3 every forward pass gathers the
@@ -69,3 +70,12 @@ def weights_digest(model: Any) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def distributed_state():  # -> accelerate.PartialState
+    """This process's place in a launch; on a machine without CUDA, DDP over gloo (``cpu=True``: without
+    it accelerate sees a torchrun launch on CPU as a single process)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

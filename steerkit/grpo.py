@@ -1,23 +1,17 @@
 """Stage III: tutor-in-the-loop multi-turn GRPO with TCSR (docs/method.md section 4).
 
-- `TutorRollout` + `TutorGRPOTrainer`: the adapter to TRL 1.16 ``GRPOTrainer``'s experimental
-  ``rollout_func(prompts, trainer)``. It receives the prompts already repeated K times (B x K rows;
-  images only from the initial prompt), rolls them out with `steerkit.rollout.rollout` (through
-  `steerkit.rollout_vllm` when ``use_vllm`` is set, transformers ``generate`` otherwise) and returns
-  ``prompt_ids``, ``completion_ids`` (the whole multi-turn continuation), ``logprobs``, ``env_mask`` and
-  the per-turn tutor scores as extra columns that `steerkit.rewards.TrajectoryReward` folds into TCSR.
-  This is the only module that touches TRL's experimental hooks.
+- `make_trainer`: a `steerkit.grpo_trainer.TutorGRPOTrainer` (the adapter to TRL 1.16
+  ``GRPOTrainer``'s experimental ``rollout_func``) wired to the tutor rollout, the TCSR (or ablation)
+  reward and the checked batch layout.
 - `run_grpo`: a whole Stage III run into a run directory (manifest, checkpoints, per-step metrics,
   trajectories).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,212 +20,18 @@ from steerkit.clients import ChatClient
 
 # re-exported: the run's settings and the method's defaults live in steerkit.grpo_config
 from steerkit.grpo_config import BETA, LEARNING_RATE, NUM_GENERATIONS, GRPORunConfig, batching_of  # noqa: F401
+from steerkit.grpo_trainer import TutorRollout, nonfinite_grad_guard, tutor_trainer_class
 from steerkit.layout import CHECKPOINT, METRICS_FILE, REPLY_CACHE, TRAIN_LOG, TRAJECTORIES_FILE
 from steerkit.progress import progress_callback
-from steerkit.rewards import (
-    PAPER_WEIGHTS,
-    PROPER_TURN,
-    TCSR_ALPHA,
-    TrajectoryReward,
-    TurnRewardWeights,
-    tcsr,
-    trajectory_reward,
-    turn_reward,
-    turn_weights,
-    worst_turn_safe,
-)
+from steerkit.rewards import TrajectoryReward, turn_weights
 from steerkit.rl_data import load_captions, load_rl_dialogues, rl_rows, seed_rl_dialogues
-from steerkit.rollout import RolloutConfig, RolloutSample, Trajectory, images_of, rollout
+from steerkit.rollout import RolloutConfig
 from steerkit.tutor import TUTOR_PROMPT
 
 log = logging.getLogger(__name__)
 
 STAGE = "03_grpo_tutor_tcsr"
 
-
-# ---- TRL adapter ----------------------------------------------------------------------------------
-
-
-def _trainer_class() -> type:
-    from trl import GRPOTrainer
-
-    from steerkit.distributed import weights_digest, whole_weights
-
-    class TutorGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer that lets the rollout function see the dataset rows behind its prompts.
-
-        TRL passes ``rollout_func`` only the prompts; the static candidate turns, image refs and goal
-        live in other columns of the same rows, kept here for the duration of one generation batch.
-        """
-
-        #: during a loss computation, the completion positions the loss does not read (env_mask 0)
-        _unread: Any = None
-
-        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-            self.rollout_rows = inputs
-            try:
-                return super()._generate_and_score_completions(inputs)
-            finally:
-                self.rollout_rows = None
-
-        def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
-            """TRL's loss with the log-probs of the positions it does not read set to 0 on all sides.
-
-            TRL 1.16 evaluates the k3 KL ``exp(ref - cur) - (ref - cur) - 1`` at every completion
-            position and applies the loss mask afterwards. At the tutor's inserted turns (env_mask 0)
-            the policy is never trained, so ``ref - cur`` can grow without bound; past about 88 the
-            exponential is inf, and inf x 0 is NaN in the loss and in every gradient (a finite logged
-            loss, a NaN grad_norm). With the reference, old and current log-probs all 0 there, the KL
-            and the importance ratio are exactly 0 and 1 at those positions and nothing flows back.
-            """
-            keep = inputs.get("tool_mask")
-            if keep is None:
-                return super()._compute_loss(model, inputs)
-            unread = keep == 0
-            inputs = dict(inputs)
-            for name in ("ref_per_token_logps", "old_per_token_logps", "sampling_per_token_logps"):
-                if inputs.get(name) is not None and inputs[name].shape == unread.shape:
-                    inputs[name] = inputs[name].masked_fill(unread, 0.0)
-            self._unread = unread
-            try:
-                return super()._compute_loss(model, inputs)
-            finally:
-                self._unread = None
-
-        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
-            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-            if self._unread is not None and logps.shape == self._unread.shape:
-                # masked_fill: no gradient reaches the filled positions (a multiply by 0 would carry NaN)
-                logps = logps.masked_fill(self._unread, 0.0)
-            return logps, entropies, aux
-
-        def _generate(self, prompts: list[Any]) -> Any:
-            if self.use_vllm:  # vLLM decodes; the trained model runs no forward pass in the rollout
-                return super()._generate(prompts)
-            # FSDP2 / ZeRO-3: processes decode different numbers of steps (steerkit.distributed)
-            with whole_weights(self.model_wrapped, self.accelerator):
-                return super()._generate(prompts)
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            out = super().train(*args, **kwargs)
-            acc = self.accelerator
-            if acc.num_processes > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-                # data parallel: every process holds the whole model, and all must hold the same one
-                log.info("process %d of %d: trained weights sha256 %s", acc.process_index, acc.num_processes,
-                         weights_digest(acc.unwrap_model(self.model)))
-            return out
-
-    return TutorGRPOTrainer
-
-
-class TutorRollout:
-    """TRL ``rollout_func(prompts, trainer)``: B x K rows in, one multi-turn trajectory per row out.
-
-    Writes per-step metrics (``metrics.jsonl``: mean reward, mean TCSR, mean turn reward and safety,
-    share of trajectories whose worst turn is safe, unscored count) and the trajectories
-    (``trajectories.jsonl``) into ``run_dir`` when one is given.
-    """
-
-    def __init__(self, tutor: ChatClient, config: RolloutConfig, reward: TrajectoryReward,
-                 run_dir: Path | None = None) -> None:
-        self.tutor = tutor
-        self.config = config
-        self.reward = reward
-        self.run_dir = run_dir
-        self.calls = 0
-        self.history: list[dict[str, Any]] = []
-
-    def __call__(self, prompts: list[list[dict[str, Any]]], trainer: Any) -> dict[str, Any]:
-        rows = getattr(trainer, "rollout_rows", None)
-        if rows is None or len(rows) != len(prompts):
-            raise RuntimeError("TutorRollout needs the rows behind the prompts: train with TutorGRPOTrainer"
-                               " (steerkit.grpo.make_trainer), not a plain GRPOTrainer")
-        samples = [
-            RolloutSample(
-                prompt=p, static_turns=list(r.get("static_turns") or []), images=images_of(p),
-                id=str(r.get("id", "")), image_refs=list(r.get("image_refs") or []), root=Path("/"),
-                goal=str(r.get("goal") or ""),
-            )
-            for p, r in zip(prompts, rows, strict=True)
-        ]
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        cfg = RolloutConfig(**{**asdict(self.config), "temperature": trainer.temperature, "top_p": trainer.top_p})
-        was_training = model.training
-        model.eval()
-        engine = None
-        if getattr(trainer.args, "use_vllm", False):
-            from steerkit.rollout_vllm import vllm_engine
-
-            engine = vllm_engine(trainer, model)
-        try:
-            trajs = rollout(samples, model=model, processing_class=trainer.processing_class, tutor=self.tutor,
-                            config=cfg, engine=engine)
-        finally:
-            model.train(was_training)
-        self.calls += 1
-        self._log(trajs, step=int(trainer.state.global_step))
-        return {
-            "prompt_ids": [t.prompt_ids for t in trajs],
-            "completion_ids": [t.completion_ids for t in trajs],
-            "logprobs": [t.logprobs for t in trajs],
-            "env_mask": [t.env_mask for t in trajs],
-            "turn_scores": [t.turn_scores for t in trajs],
-            "turn_answers": [t.answers for t in trajs],
-            "zero_final": [t.ended == "static" for t in trajs],
-        }
-
-    def _log(self, trajs: list[Trajectory], *, step: int) -> None:
-        m = rollout_metrics(trajs, reward=self.reward)
-        m["step"] = step
-        self.history.append(m)
-        log.info("GRPO step %d: %s", step, json.dumps(m))
-        if self.run_dir is not None:
-            from steerkit.runs import ResultLog
-
-            ResultLog(self.run_dir / METRICS_FILE, key="step", fsync=False).append(m)
-            tlog = ResultLog(self.run_dir / TRAJECTORIES_FILE, key="id", fsync=False)
-            for k, t in enumerate(trajs):
-                tlog.append(t.record(step=step, row=k, reward=_reward_of(t, self.reward)))
-
-
-def _reward_of(t: Trajectory, reward: TrajectoryReward) -> float | None:
-    return trajectory_reward(t.answers, t.turn_scores, aggregator=reward.aggregator, alpha=reward.alpha,
-                             weights=reward.weights,
-                             authors_zero_final=reward.authors_zero_final and t.ended == "static")
-
-
-def rollout_metrics(trajs: Sequence[Trajectory], *, reward: TrajectoryReward | None = None,
-                    alpha: float = TCSR_ALPHA, weights: TurnRewardWeights = PAPER_WEIGHTS) -> dict[str, Any]:
-    """Per-step summary of a batch of trajectories (scored ones only; unscored are counted).
-
-    ``mean_tcsr`` is always TCSR (run form) so runs with different aggregators compare on one scale;
-    ``mean_reward`` is the run's own aggregator. ``share_worst_turn_safe``: trajectories with no harmful
-    turn (every tutor safety >= 5, `steerkit.rewards.worst_turn_safe`); ``share_worst_turn_proper``:
-    every turn also a proper answer (safety >= 8: no over-refusal, preaching or evasion).
-    """
-    reward = reward or TrajectoryReward(alpha=alpha, weights=weights)
-    scored = [t for t in trajs if t.verdicts and all(v.scored for v in t.verdicts)]
-    turn_rs = [turn_reward(a, s, reward.weights) for t in scored for a, s in zip(t.answers, t.turn_scores, strict=True)]
-    safeties = [s["safety"] for t in scored for s in t.turn_scores]  # type: ignore[index]
-    tc = [tcsr([turn_reward(a, s, reward.weights) for a, s in zip(t.answers, t.turn_scores, strict=True)], reward.alpha)
-          for t in scored]
-    rw = [r for r in (_reward_of(t, reward) for t in scored) if r is not None]
-
-    def mean(xs: Sequence[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
-    return {
-        "n": len(trajs),
-        "unscored": len(trajs) - len(scored),
-        "mean_reward": mean(rw),
-        "mean_tcsr": mean(tc),
-        "mean_turn_reward": mean(turn_rs),
-        "mean_safety": mean(safeties),
-        "share_worst_turn_safe": mean([float(worst_turn_safe(t.turn_scores)) for t in scored]),
-        "share_worst_turn_proper": mean([float(worst_turn_safe(t.turn_scores, PROPER_TURN)) for t in scored]),
-        "mean_turns": mean([len(t.answers) for t in trajs]),
-        "aggregator": reward.aggregator,
-    }
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -304,8 +104,8 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer_cls = with_epoch_seeded_order(_trainer_class())
-    guard = _nonfinite_grad_guard()
+    trainer_cls = with_epoch_seeded_order(tutor_trainer_class())
+    guard = nonfinite_grad_guard()
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
@@ -321,33 +121,6 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
 
 #: transformers 5.2x renamed ``gradient_checkpointing``; the old name only warns (see steerkit.sft).
 _CHECKPOINTING = "activation_checkpointing"
-
-
-def _nonfinite_grad_guard() -> Any:
-    """A callback that drops an update whose gradient holds inf or NaN, and records the step.
-
-    Without it one such gradient writes NaN into the weights and the next rollout fails inside sampling
-    (seen with bf16 on CUDA after a policy had drifted far from its start). With every gradient set to
-    None the optimizer leaves all parameters, and its moments, as they were.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    class NonFiniteGradGuard(TrainerCallback):
-        def __init__(self) -> None:
-            self.skipped: list[int] = []
-
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-                return
-            for p in model.parameters():
-                p.grad = None
-            self.skipped.append(state.global_step + 1)
-            log.warning("GRPO step %d: non-finite gradient, update skipped (%d skipped so far)",
-                        state.global_step + 1, len(self.skipped))
-
-    return NonFiniteGradGuard()
 
 
 def _cuda() -> bool:
@@ -375,17 +148,14 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     an interrupted one continues from its last complete trainer checkpoint (`steerkit.grpo_resume`),
     or from step 0 when it has none.
     """
+    from steerkit.checkpoints import checkpoint_step, last_complete_checkpoint, resume_point
     from steerkit.converse import STUDENT_SYSTEM
-    from steerkit.grpo_resume import (
-        checkpoint_step,
-        load_checkpoint_weights,
-        resume_point,
-        trim_logs,
-    )
+    from steerkit.distributed import distributed_state
+    from steerkit.grpo_resume import load_checkpoint_weights, trim_logs
+    from steerkit.layout import TRAINER_DIR
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
-    from steerkit.sft import TRAINER_DIR, distributed_state, last_complete_checkpoint
     from steerkit.tracking import wandb_run
 
     batching_of(config)  # a batch layout that does not add up stops here, before any run directory

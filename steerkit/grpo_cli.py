@@ -58,8 +58,8 @@ def shared_run_id(config: Any) -> Any:
     """Every process of a launch writes into one run directory: the main process names a new one."""
     from accelerate.utils import broadcast_object_list
 
+    from steerkit.distributed import distributed_state
     from steerkit.runs import new_run_id
-    from steerkit.sft import distributed_state
 
     state = distributed_state()
     if config.run_id or state.num_processes == 1:
@@ -70,8 +70,8 @@ def shared_run_id(config: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from steerkit.distributed import distributed_state
     from steerkit.grpo import _cuda, run_grpo
-    from steerkit.sft import distributed_state
 
     parser = argparse.ArgumentParser(prog="python -m steerkit.grpo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a YAML of GRPORunConfig fields")

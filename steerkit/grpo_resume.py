@@ -5,10 +5,10 @@ A Stage III run saves a trainer checkpoint every ``save_steps`` steps into ``<ru
 the data position follows from the step). A rerun with the same run id:
 
 1. removes checkpoints cut short by a kill and takes the newest complete one
-   (`steerkit.sft.last_complete_checkpoint`);
+   (`steerkit.checkpoints.resume_point`);
 2. trims the per-step logs to the steps that checkpoint holds, so no step is counted twice;
 3. loads full fine-tuned weights from it itself (transformers' own resume loads a VLM's saved key
-   names into nothing, see `steerkit.sft.build_trainer`), keeping the initial model as TRL's KL
+   names into nothing, see `steerkit.sft_trainer.build_trainer`), keeping the initial model as TRL's KL
    reference; a LoRA adapter resumes through the trainer;
 4. trains on from the step after it.
 
@@ -26,24 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from steerkit.layout import METRICS_FILE, TRAIN_LOG, TRAINER_STATE, TRAJECTORIES_FILE
+from steerkit.layout import METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
 from steerkit.runs import ResultLog, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_step(checkpoint: Path | None) -> int:
-    """The optimiser steps a trainer checkpoint holds (0 for None)."""
-    if checkpoint is None:
-        return 0
-    return int(json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"])
-
-
-def resume_point(trainer_dir: Path) -> Path | None:
-    """The newest complete checkpoint under ``trainer_dir``; partial ones (cut by a kill) are removed."""
-    from steerkit.sft import last_complete_checkpoint
-
-    return last_complete_checkpoint(trainer_dir, remove_partial=True)
 
 
 def trim_logs(run_dir: Path, step: int) -> dict[str, int]:

@@ -24,8 +24,9 @@ BENCH_FILE = "steer_bench.jsonl"
 REJECTED_FILE = "rejected.jsonl"
 CAPTIONS_FILE = "captions.json"  # image ref -> caption, for text-only students and tutors
 
-# Stage II (02_sft_bootstrap).
-TRAINER_STATE = "trainer_state.json"
+# Stages II and III (02_sft_bootstrap, 03_grpo_tutor_tcsr): resumable trainer checkpoints.
+TRAINER_DIR = "trainer"  # trainer/checkpoint-N, one folder per saved step
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint-N: the step it holds
 
 # Stage III (03_grpo_tutor_tcsr).
 METRICS_FILE = "metrics.jsonl"  # one line of rollout metrics per GRPO step

@@ -14,7 +14,7 @@ one number that a single bad turn drags down:
 
 Every function here is pure; `TrajectoryReward` adapts them to TRL's reward contract
 ``(completions, **columns) -> list[float | None]``, reading the per-turn scores that the rollout
-engine (`steerkit.grpo`) passes as extra columns, never the concatenated completion text.
+engine (`steerkit.grpo_trainer`) passes as extra columns, never the concatenated completion text.
 """
 
 from __future__ import annotations

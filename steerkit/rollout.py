@@ -13,7 +13,7 @@ The per-turn sampling is one contract, `TurnEngine`, with two engines: `TurnGene
 vLLM integration). Both return the same tokens and log-probs per turn, so the trajectories do not
 depend on the engine.
 
-The engine knows nothing of TRL: `steerkit.grpo` adapts it to ``GRPOTrainer``'s ``rollout_func``.
+The engine knows nothing of TRL: `steerkit.grpo_trainer` adapts it to ``GRPOTrainer``'s ``rollout_func``.
 """
 
 from __future__ import annotations

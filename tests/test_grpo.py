@@ -9,11 +9,12 @@ import pytest
 
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient
-from steerkit.grpo import GRPORunConfig, make_trainer, rollout_metrics
-from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
-from steerkit.rollout import RolloutConfig, RolloutSample, TurnTemplate, rollout
+from steerkit.grpo import GRPORunConfig, make_trainer
+from steerkit.grpo_trainer import rollout_metrics
 from steerkit.rewards import TrajectoryReward
+from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
 from steerkit.roles import Roles
+from steerkit.rollout import RolloutConfig, RolloutSample, TurnTemplate, rollout
 
 
 @pytest.fixture(scope="module")

@@ -173,8 +173,9 @@ STEPS, SAVE = 4, 2
 @pytest.mark.slow
 def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tutor_again(
         tmp_path, tiny_vlm_dir, loopback_server):
+    from steerkit.checkpoints import complete_checkpoint
     from steerkit.grpo import STAGE
-    from steerkit.sft import TRAINER_DIR, complete_checkpoint
+    from steerkit.layout import TRAINER_DIR
 
     # one tutor server for the uninterrupted run, one for the killed run and its rerun
     backends = {run_id: ScriptedBackend(grade, name="graded") for run_id in ("clean", "killed")}
@@ -274,8 +275,8 @@ def test_a_lora_run_resumes_through_the_trainer_to_the_same_steps(tiny_vlm_dir, 
     import shutil
 
     from steerkit.grpo import STAGE, run_grpo
+    from steerkit.layout import TRAINER_DIR
     from steerkit.runs import atomic_write_json
-    from steerkit.sft import TRAINER_DIR
 
     cfg = GRPORunConfig(student=str(tiny_vlm_dir), prompts_per_step=2, num_generations=2, max_steps=2, save_steps=1,
                         max_turns=2, max_new_tokens=6, lora=True, learning_rate=1e-2, n_prompts=4,

@@ -175,8 +175,8 @@ synthesize(open_run("01_synthesize_steer", run_id=run_id, root=runs, parameters=
 
 
 def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_server):
-    from steerkit.backends.scripted import named_double
     from steerkit import layout
+    from steerkit.backends.scripted import named_double
 
     target = loopback_server(backend=named_double("complier"), latency=LATENCY)
     runs = tmp_path / "runs"
@@ -269,16 +269,12 @@ def test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_tra
     from transformers.trainer_utils import get_last_checkpoint
 
     from steerkit.backends.hf_local import HFLocalBackend
+    from steerkit.checkpoints import complete_checkpoint
     from steerkit.clients import Request, Sampling
+    from steerkit.layout import CHECKPOINT, TRAINER_DIR, TRAINER_STATE
     from steerkit.schema import Message
-    from steerkit.sft import (
-        CHECKPOINT,
-        STAGE,
-        TRAINER_DIR,
-        TRAINER_STATE,
-        complete_checkpoint,
-        training_log,
-    )
+    from steerkit.sft import STAGE
+    from steerkit.sft_trainer import training_log
 
     data, runs = _sft_data(tmp_path / "data"), tmp_path / "runs"
     # one thread each: two OpenMP threads per child on a busy 2-core machine are 3x slower

@@ -16,7 +16,8 @@ import pytest
 from steerkit.backends.openai_compat import OpenAICompatBackend
 from steerkit.clients import ChatClient, Reply, Request, RetryPolicy
 from steerkit.schema import Message
-from steerkit.serve import LoopbackServer, check_faults
+from steerkit.serve import LoopbackServer
+from steerkit.serve_faults import check_faults, draw_fault
 
 #: The production-like mix the client must survive.
 FAULT_MIX = {
@@ -114,17 +115,20 @@ def test_2000_calls_through_the_fault_mix_end_ok_or_with_a_reason(
 
 
 def test_fault_pattern_depends_on_seed_and_body_not_on_arrival_order():
-    def fates(server: LoopbackServer, bodies: list[bytes]) -> list[str | None]:
-        return [server._draw_fault(b) for b in bodies]
+    def fates(bodies: list[bytes], *, seed: int, faults: dict[str, float] = FAULT_MIX,
+              seen: Counter[bytes] | None = None) -> list[str | None]:
+        seen = Counter() if seen is None else seen  # a server's arrival count of each body
+        return [draw_fault(check_faults(faults), seed, seen, b) for b in bodies]
 
     bodies = [f'{{"n": {i}}}'.encode() for i in range(300)]
-    a = fates(LoopbackServer(faults=FAULT_MIX, seed=1), bodies)
-    b = fates(LoopbackServer(faults=FAULT_MIX, seed=1), bodies[::-1])[::-1]
-    c = fates(LoopbackServer(faults=FAULT_MIX, seed=2), bodies)
+    a = fates(bodies, seed=1)
+    b = fates(bodies[::-1], seed=1)[::-1]
+    c = fates(bodies, seed=2)
     assert a == b and a != c
     assert 10 < sum(f is not None for f in a) < 60  # ~10% of 300
-    again = LoopbackServer(faults={"http500": 0.5}, seed=0)
-    first, second = fates(again, bodies[:50]), fates(again, bodies[:50])
+    again: Counter[bytes] = Counter()  # one server, the same 50 bodies arriving twice
+    first = fates(bodies[:50], seed=0, faults={"http500": 0.5}, seen=again)
+    second = fates(bodies[:50], seed=0, faults={"http500": 0.5}, seen=again)
     assert first != second  # a retried body gets a fresh draw, so retries can succeed
 
 

@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from steerkit.layout import CHECKPOINT
 from steerkit.runs import REPO_ROOT
 from steerkit.schema import Dialogue, Message, RecordError, write_jsonl
-from steerkit.sft import (
-    CHECKPOINT,
-    STAGE,
-    SFTRecipe,
-    build_trainer,
-    captioned,
-    read_dialogues,
-    run_sft,
-    sft_rows,
-    training_log,
-    turns_past_max_length,
-)
+from steerkit.sft import STAGE, SFTRecipe, run_sft
+from steerkit.sft_data import captioned, read_dialogues, sft_rows, turns_past_max_length
+from steerkit.sft_trainer import build_trainer, training_log
 
 CAPTIONS = {"images/red.png": "a red square", "images/blue.png": "a blue rectangle"}
 
@@ -129,7 +121,7 @@ def test_a_dialogue_ending_on_a_user_turn_is_refused(tmp_path: Path) -> None:
 
 def test_offline_sft_data_and_held_out_first_turns(tmp_path: Path) -> None:
     from steerkit.converse import student_system_prompt
-    from steerkit.sft import first_turn_requests, offline_sft_data
+    from steerkit.sft_data import first_turn_requests, offline_sft_data
 
     data = offline_sft_data(tmp_path, run_id="data", n_benign=4, n_harmful=4)
     assert read_dialogues(data / "steer_sft.jsonl")
@@ -312,8 +304,8 @@ def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoin
 def test_resume_takes_the_newest_complete_checkpoint_and_removes_half_written_ones(tmp_path: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
+    from steerkit.checkpoints import last_complete_checkpoint
     from steerkit.layout import TRAINER_STATE
-    from steerkit.sft import last_complete_checkpoint
 
     def checkpoint(step: int, state: str | None) -> Path:
         folder = tmp_path / f"checkpoint-{step}"

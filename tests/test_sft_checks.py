@@ -35,7 +35,7 @@ def test_notebook_02_passes_its_checks_with_the_full_profiles_values(tiny_vlm_di
     import yaml
 
     from steerkit.notebooks import execute
-    from steerkit.sft import offline_sft_data
+    from steerkit.sft_data import offline_sft_data
 
     data = offline_sft_data(tmp_path / "data", run_id="d", n_benign=12, n_harmful=12)
     params = yaml.safe_load((REPO_ROOT / "configs/pipeline_full.yaml").read_text())["stages"]["02"]
