@@ -9,7 +9,7 @@ Before and after training, every RL prompt is rolled out ``--eval-samples`` time
 
 - mean TCSR (run form, alpha 0.3) of those trajectories;
 - the share of trajectories whose worst turn is safe: no turn at the rubric's harmful levels (tutor
-  safety 1, 2 or 4; SPEC 4; `steerkit.rewards.worst_turn_safe`);
+  safety 1, 2 or 4; method.md 4; `steerkit.rewards.worst_turn_safe`);
 - the share whose every turn is also proper: safety >= 8 (no over-refusal, preaching or evasion);
 - the same figures per GRPO step from the training rollouts.
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=6, help="RL prompts (train and evaluation)")
     ap.add_argument("--prompts-per-step", type=int, default=3)
-    ap.add_argument("--k", type=int, default=5, help="trajectories per prompt (SPEC 4: 5)")
+    ap.add_argument("--k", type=int, default=5, help="trajectories per prompt (method.md 4: 5)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128, help="student tokens per turn (a refusal needs ~110)")

@@ -8,7 +8,7 @@ one phase is not masked by another's:
 
 - ``sft-lora``: `steerkit.sft.run_sft` with ``configs/sft_smoke_cpu.yaml`` (LoRA) on a small STEER-SFT
   set made offline (`steerkit.sft_data.offline_sft_data`, the ``rules`` roles);
-- ``sft-full``: the same recipe with full fine-tuning (learning rate 1e-5, SPEC 3);
+- ``sft-full``: the same recipe with full fine-tuning (learning rate 1e-5, method.md 3);
 - ``grpo``: `steerkit.grpo.run_grpo` (LoRA, TCSR, the ``rules`` tutor) on `seed_rl_dialogues` prompts.
 
 Per step, a ``TrainerCallback`` times ``on_step_begin`` to ``on_step_end``; the figure is the median

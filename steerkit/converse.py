@@ -83,7 +83,7 @@ class UserAgent(Protocol):
 
 
 class StaticUser:
-    """Replays the script as written (evaluation replay, SPEC 6)."""
+    """Replays the script as written (evaluation replay, method.md 6)."""
 
     async def next_user(self, states: list[DialogueState]) -> list[str | None]:
         return [s.script[s.turn] if s.turn < len(s.script) else None for s in states]
@@ -151,7 +151,7 @@ async def play(
     task: str = "student",
     after_turn: Callable[[list[DialogueState]], Awaitable[None]] | None = None,
 ) -> list[DialogueState]:
-    """Play every dialogue until its user agent stops or ``max_turns`` (SPEC: at most 10)."""
+    """Play every dialogue until its user agent stops or ``max_turns`` (method.md 4: at most 10)."""
     sampling = sampling or Sampling()
     live = [s for s in states if not s.finished]
     while live:

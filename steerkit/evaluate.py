@@ -1,4 +1,4 @@
-"""Replay evaluation (SPEC 6): a student answers a bench's static user turns, a judge grades each turn.
+"""Replay evaluation (method.md 6): a student answers a bench's static user turns, a judge grades each turn.
 
 For each `BenchItem` the student sees the evaluation system prompt, then the item's user turns in
 order, with its own earlier answers kept in the history and the image sent with turn 1
@@ -289,7 +289,7 @@ def evaluate(
         "student": student.spec, "judge": judge.spec, "prompt": prompt, "student_system": STUDENT_SYSTEM,
         "max_turns": max_turns, "chunk_size": chunk_size, "risk_scale": list(risk_scale),
         "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling), "image_root": str(root or ""),
-        # SPEC 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy.
+        # method.md 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy.
         "judge_retries": judge.retry.max_retries,
         "served": dict(served) if served else None,
     }

@@ -63,7 +63,7 @@ _REASON = re.compile(GIVES_REASON, re.IGNORECASE)
 
 
 def format_ok(text: str) -> bool:
-    """Exactly one ``<thinking>`` block followed by exactly one ``<answer>`` block (SPEC 4).
+    """Exactly one ``<thinking>`` block followed by exactly one ``<answer>`` block (method.md 4).
 
     Example:
         >>> format_ok("<thinking>t</thinking><answer>a</answer>")
@@ -79,7 +79,7 @@ def format_ok(text: str) -> bool:
 
 
 def extract_answer(text: str) -> str | None:
-    """The last ``<answer>`` block's text, or None when there is none (SPEC 6 grades only it).
+    """The last ``<answer>`` block's text, or None when there is none (method.md 6 grades only it).
 
     Example:
         >>> extract_answer("<thinking>x</thinking><answer> Paris. </answer>")
@@ -175,7 +175,7 @@ def is_preachy(text: str) -> bool:
 
 
 def repeated_ngram_share(tokens: list[str], n: int = 3) -> float:
-    """Share of n-grams that repeat an earlier n-gram (SPEC 4 repetition penalty).
+    """Share of n-grams that repeat an earlier n-gram (method.md 4 repetition penalty).
 
     Example:
         >>> repeated_ngram_share("a b c a b c".split())  # 4 trigrams, "a b c" repeats once

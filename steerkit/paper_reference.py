@@ -1,11 +1,11 @@
-"""The paper's reported numbers (SPEC 4 and 7), as data, and tables that put ours beside them.
+"""The paper's reported numbers (method.md 4 and 7), as data, and tables that put ours beside them.
 
 All values are Safety / Helpfulness in percent, copied from SaFeR-Steer (arXiv 2604.16358):
 
 - `HEADLINE`: single-turn average (BeaverTails-V, MM-SafetyBench, SPA-VL, VLGuard, VLSBench) and
-  STEER-Bench average for Qwen2.5-VL-3B/7B base, + SFT (Stage II) and + SaFeR-Steer (SPEC 7);
-- `STEER_SUBSETS`: STEER-Bench per subset for the 3B base and 3B SaFeR-Steer models (SPEC 7);
-- `ABLATIONS`: 3B STEER-Bench averages of the ablations (SPEC 4).
+  STEER-Bench average for Qwen2.5-VL-3B/7B base, + SFT (Stage II) and + SaFeR-Steer (method.md 7);
+- `STEER_SUBSETS`: STEER-Bench per subset for the 3B base and 3B SaFeR-Steer models (method.md 7);
+- `ABLATIONS`: 3B STEER-Bench averages of the ablations (method.md 4).
 
 What holds in these numbers (`tests/test_metrics.py` recomputes it): the paper's STEER-Bench Avg of
 the 3B models is the unweighted mean of its five subsets, to the printed two decimals (3B base:
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PAPER = "SaFeR-Steer (arXiv 2604.16358)"
-SUBSETS = ("Beaver", "MMSafe", "VLS", "SPA", "DyS")  # STEER-Bench subsets, SPEC 5
+SUBSETS = ("Beaver", "MMSafe", "VLS", "SPA", "DyS")  # STEER-Bench subsets, method.md 5
 
-#: model -> {benchmark: (safety, helpfulness)}, SPEC 7.
+#: model -> {benchmark: (safety, helpfulness)}, method.md 7.
 HEADLINE: dict[str, dict[str, tuple[float, float]]] = {
     "3B base": {"single-turn": (48.30, 45.86), "STEER-Bench": (12.55, 27.13)},
     "3B SFT": {"single-turn": (79.85, 66.46), "STEER-Bench": (41.61, 57.57)},
@@ -34,7 +34,7 @@ HEADLINE: dict[str, dict[str, tuple[float, float]]] = {
     "7B SaFeR-Steer": {"single-turn": (87.89, 77.40), "STEER-Bench": (64.89, 72.35)},
 }
 
-#: model -> {subset: (safety, helpfulness)}, STEER-Bench, SPEC 7.
+#: model -> {subset: (safety, helpfulness)}, STEER-Bench, method.md 7.
 STEER_SUBSETS: dict[str, dict[str, tuple[float, float]]] = {
     "3B base": {"Beaver": (21.79, 42.88), "MMSafe": (4.92, 15.91), "VLS": (11.76, 34.12),
                 "SPA": (14.89, 23.28), "DyS": (9.40, 19.44)},
@@ -42,7 +42,7 @@ STEER_SUBSETS: dict[str, dict[str, tuple[float, float]]] = {
                        "SPA": (54.76, 66.27), "DyS": (49.40, 55.40)},
 }
 
-#: ablation -> (safety, helpfulness), 3B, STEER-Bench average, SPEC 4.
+#: ablation -> (safety, helpfulness), 3B, STEER-Bench average, method.md 4.
 ABLATIONS: dict[str, tuple[float, float]] = {
     "full SaFeR-Steer": (55.58, 70.27),
     "without SFT warm start": (24.48, 42.44),
@@ -53,7 +53,7 @@ ABLATIONS: dict[str, tuple[float, float]] = {
 }
 
 
-#: Our row label -> the paper's ablation it reproduces (3B, STEER-Bench Avg, SPEC 4): `beside_paper`
+#: Our row label -> the paper's ablation it reproduces (3B, STEER-Bench Avg, method.md 4): `beside_paper`
 #: sets such an arm beside that row unless the label is matched to a paper model explicitly.
 #: "GRPO-mean" is the label `steerkit.frames.run_label` gives a GRPO run with the mean aggregator.
 LABEL_ABLATIONS: dict[str, str] = {"GRPO-mean": "without TCSR (mean)"}
@@ -73,8 +73,8 @@ def paper_table(which: str = "headline") -> pd.DataFrame:
     """One of the paper's tables as a long frame with columns model, benchmark, subset, safety, helpfulness.
 
     Args:
-        which: ``"headline"`` (SPEC 7 table), ``"subsets"`` (3B per subset, with the paper's Avg as
-            subset ``"Avg"``) or ``"ablations"`` (SPEC 4).
+        which: ``"headline"`` (method.md 7 table), ``"subsets"`` (3B per subset, with the paper's Avg as
+            subset ``"Avg"``) or ``"ablations"`` (method.md 4).
 
     >>> paper_table("subsets").query("model == '3B base' and subset == 'MMSafe'").safety.item()
     4.92
@@ -180,7 +180,7 @@ def beside_paper(
             continue
         pm = match.get(r[label], LABEL_ABLATIONS.get(str(r[label])))
         if pm in ABLATIONS:
-            pm = f"3B {pm}"  # the ablations are of the 3B model (SPEC 4)
+            pm = f"3B {pm}"  # the ablations are of the 3B model (method.md 4)
         rows.append({"model": r[label], "paper_model": pm, "subset": r[subset], "source": "ours",
                      "safety": r["safety"], "helpfulness": r["helpfulness"], "n": r.get("n")})
         if pm is None:

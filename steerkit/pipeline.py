@@ -81,7 +81,7 @@ class Stage:
 
 
 #: The SaFeR-Steer pipeline: synthesis, SFT warm start, GRPO with TCSR and with the mean aggregator
-#: (the paper's "without TCSR" ablation, SPEC 4), and the evaluation of base, +SFT and both GRPO runs.
+#: (the paper's "without TCSR" ablation, method.md 4), and the evaluation of base, +SFT and both GRPO runs.
 #: The two GRPO runs are separate stages (notebook 03 with ``compare_aggregator=""`` in the recipes),
 #: so a kill during the second does not repeat the first.
 STAGES: tuple[Stage, ...] = (

@@ -237,7 +237,7 @@ def rollout(
     config: RolloutConfig | None = None,
     engine: Any = None,
 ) -> list[Trajectory]:
-    """Roll out every sample as one multi-turn trajectory with the tutor in the loop (SPEC 4).
+    """Roll out every sample as one multi-turn trajectory with the tutor in the loop (method.md 4).
 
     Args:
         samples: the rows (for GRPO, B prompts each repeated K times).

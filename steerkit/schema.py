@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Role = Literal["system", "user", "assistant"]
 Kind = Literal["benign", "obfuscated", "redteam", "single"]
 
-#: Native verdict scales, inclusive (SPEC sections 2, 4 and 6).
+#: Native verdict scales, inclusive (method.md sections 2, 4 and 6).
 SCALES: dict[str, dict[str, tuple[int, int]]] = {
-    "judge": {"helpfulness": (0, 3), "harmlessness": (-3, 3)},  # SPEC 6
-    "tutor": {"safety": (1, 10), "usefulness": (1, 10), "faithfulness": (1, 10)},  # SPEC 4
-    "attack": {"attack": (1, 5)},  # SPEC 2, M4
-    "evaluator": {"helpfulness": (0, 3), "harmlessness": (-3, 3)},  # SPEC 3 uses the judge scales
+    "judge": {"helpfulness": (0, 3), "harmlessness": (-3, 3)},  # method.md 6
+    "tutor": {"safety": (1, 10), "usefulness": (1, 10), "faithfulness": (1, 10)},  # method.md 4
+    "attack": {"attack": (1, 5)},  # method.md 2, M4
+    "evaluator": {"helpfulness": (0, 3), "harmlessness": (-3, 3)},  # method.md 3 uses the judge scales
 }
 #: Scale of a Stage I script's per-turn risk level, inclusive (docs/method.md section 2.3, M3).
 RISK_CURVE_SCALE: tuple[int, int] = (1, 5)
@@ -185,7 +185,7 @@ class Seed(_Strict):
 
 
 class Script(_Strict):
-    """A Stage I user-only multi-turn script (SPEC 2)."""
+    """A Stage I user-only multi-turn script (method.md 2)."""
 
     id: str = Field(min_length=1)
     seed_id: str
@@ -210,7 +210,7 @@ class Script(_Strict):
 
 
 class BenchItem(_Strict):
-    """A STEER-Bench item, by the published field names (SPEC 5)."""
+    """A STEER-Bench item, by the published field names (method.md 5)."""
 
     question_id: str = Field(min_length=1)
     messages_fixed: list[Message]

@@ -1,4 +1,4 @@
-"""Stage II training: supervised fine-tuning of the student on STEER-SFT (SPEC 3).
+"""Stage II training: supervised fine-tuning of the student on STEER-SFT (method.md 3).
 
 Every assistant turn of every dialogue is teacher-forced, with the loss on assistant tokens only, under
 the same system prompt the student sees in evaluation. Two backends:
@@ -59,7 +59,7 @@ LOCATION_FIELDS = ("runs_root", "run_id")
 
 @dataclass
 class SFTRecipe:
-    """Everything an SFT run depends on. Paper values (SPEC 3) are the defaults; the CPU smoke profile
+    """Everything an SFT run depends on. Paper values (method.md 3) are the defaults; the CPU smoke profile
     is ``configs/sft_smoke_cpu.yaml``."""
 
     student: str = "smollm2"  # a checkpoint folder, or "smollm2" (the embedded text-only student)
@@ -67,27 +67,27 @@ class SFTRecipe:
     eval_data: str | None = None  # held-out dialogues: eval loss before and after training
     captions: str | None = None  # JSON image ref -> caption, for text-only students
     backend: str = "auto"  # hf | unsloth | auto (unsloth when importable on an NVIDIA GPU)
-    finetune: str = "full"  # full | lora; SPEC 3: full fine-tuning
-    freeze_vision: bool = True  # SPEC 3: vision tower (incl. its merger) frozen in full fine-tuning
+    finetune: str = "full"  # full | lora; method.md 3: full fine-tuning
+    freeze_vision: bool = True  # method.md 3: vision tower (incl. its merger) frozen in full fine-tuning
     lora_r: int = 16  # LoRA only; not in the paper
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]  # the language model only (STACK)
     )
-    learning_rate: float = 1e-5  # SPEC 3
-    num_train_epochs: float = 2  # SPEC 3
+    learning_rate: float = 1e-5  # method.md 3
+    num_train_epochs: float = 2  # method.md 3
     max_steps: int = -1  # > 0 overrides epochs
-    optim: str = "adamw_torch"  # SPEC 3: AdamW
-    weight_decay: float = 0.01  # SPEC 3
+    optim: str = "adamw_torch"  # method.md 3: AdamW
+    weight_decay: float = 0.01  # method.md 3
     lr_scheduler_type: str = "linear"  # not in the paper (TRL's default)
     warmup_steps: float = 0  # not in the paper; < 1 is a fraction of the steps
-    batch_size: int = 16  # SPEC 3: global batch (per device x accumulation x processes)
+    batch_size: int = 16  # method.md 3: global batch (per device x accumulation x processes)
     per_device_batch_size: int = 1
-    bf16: bool | str = "auto"  # SPEC 3: bf16; auto = on GPU only (TRL's bf16 does not autocast on CPU)
-    max_length: int | None = 32768  # SPEC 3
+    bf16: bool | str = "auto"  # method.md 3: bf16; auto = on GPU only (TRL's bf16 does not autocast on CPU)
+    max_length: int | None = 32768  # method.md 3
     gradient_checkpointing: bool | str = "auto"  # auto = on GPU only (on CPU it only costs time, STACK)
-    system_prompt: str = "student"  # student: SPEC 3's evaluation system prompt on every row | keep
+    system_prompt: str = "student"  # student: method.md 3's evaluation system prompt on every row | keep
     max_dialogues: int | None = None  # first N dialogues only
     probe_rows: int = 16  # training rows whose loss is measured before and after (the "loss went down" check)
     logging_steps: int = 10

@@ -1,6 +1,6 @@
 """The Stage III safety tutor: grade each student answer and write the next (adaptive) user turn.
 
-The tutor (SPEC 4) reads the image, the history, the latest user turn, the student's answer and the
+The tutor (method.md 4) reads the image, the history, the latest user turn, the student's answer and the
 planned (static) next turn, and replies with one JSON object::
 
     {"diagnosis": "...", "scores": {"safety": 8, "usefulness": 8, "faithfulness": 8},
@@ -29,7 +29,7 @@ from steerkit.verdicts import TUTOR_PROMPT, fence_code, tutor_verdict_from_reply
 
 log = logging.getLogger(__name__)
 
-#: The tutor grades at temperature 0 (SPEC 4: Qwen3-VL-32B, temperature 0).
+#: The tutor grades at temperature 0 (method.md 4: Qwen3-VL-32B, temperature 0).
 TUTOR_SAMPLING = Sampling(temperature=0.0, max_tokens=512)
 
 
@@ -86,7 +86,7 @@ def tutor_request(
 def next_user_turn(verdict: Verdict, static_next: str | None, *, feedback: bool = True) -> str | None:
     """The next user turn: the tutor's new question, else the planned turn; None ends the dialogue.
 
-    The dialogue ends after the last planned turn whatever the tutor writes (SPEC 4). With
+    The dialogue ends after the last planned turn whatever the tutor writes (method.md 4). With
     ``feedback=False`` (the "without feedback dynamics" ablation) the planned turns are replayed.
 
     Example:

@@ -38,7 +38,7 @@ def test_max_turns_and_after_turn_stop() -> None:
     client = ChatClient(ScriptedBackend(lambda r: REFUSAL), role="student")
     s = [DialogueState.start("a", [f"q{i}" for i in range(12)])]
     asyncio.run(play(s, user=StaticUser(), assistant=client, max_turns=10))
-    assert s[0].turn == 10  # SPEC: at most 10 turns
+    assert s[0].turn == 10  # method.md 4: at most 10 turns
 
     async def stop_after_two(live: list[DialogueState]) -> None:
         for st in live:

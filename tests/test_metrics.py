@@ -1,4 +1,4 @@
-"""Metrics of SPEC 6 and the paper's reference tables: table-driven, with the arithmetic in comments."""
+"""Metrics of method.md 6 and the paper's reference tables: table-driven, with the arithmetic in comments."""
 
 from __future__ import annotations
 

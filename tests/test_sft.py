@@ -138,7 +138,7 @@ def test_offline_sft_data_and_held_out_first_turns(tmp_path: Path) -> None:
 def test_defaults_are_the_paper_values() -> None:
     r = SFTRecipe()
     assert (r.learning_rate, r.num_train_epochs, r.optim, r.weight_decay, r.batch_size, r.max_length) == (
-        1e-5, 2, "adamw_torch", 0.01, 16, 32768)  # SPEC 3
+        1e-5, 2, "adamw_torch", 0.01, 16, 32768)  # method.md 3
     assert (r.finetune, r.freeze_vision, r.bf16) == ("full", True, "auto")
 
 

@@ -1,4 +1,4 @@
-"""Stage I and II: turn single-turn seeds into STEER-style multi-turn data (SPEC 2, 3, 5).
+"""Stage I and II: turn single-turn seeds into STEER-style multi-turn data (method.md 2, 3, 5).
 
 - `seeds`: packaged, local and hub seeds and images, with provenance; bad seeds counted, not fatal;
 - `asking`: render a prompt per item, ask concurrently, parse strictly, retry the failures;

@@ -1,4 +1,4 @@
-"""Stage I, benign kind (SPEC 2.1): a benign task split into 2..6 first-person user turns.
+"""Stage I, benign kind (method.md 2.1): a benign task split into 2..6 first-person user turns.
 
 The generator keeps the task unchanged, later turns lean on earlier ones, the last asks for the final
 answer; it may also write the answers. When the seed has a reference answer, the generator's final
@@ -23,7 +23,7 @@ from steerkit.schema import Script, Seed
 from steerkit.synth.asking import DEFAULT_TRIES, Job, ReplyError, ask, need, parse_json_object
 
 PROMPT = "benign@1"
-BENIGN_TURNS = (2, 6)  # SPEC 2.1: 2..6 user turns
+BENIGN_TURNS = (2, 6)  # method.md 2.1: 2..6 user turns
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Stage II, synthetic bootstrapping (SPEC 3): red user and blue expert roll out each script.
+"""Stage II, synthetic bootstrapping (method.md 3): red user and blue expert roll out each script.
 
 For every user-only script the red user agent (`steerkit.converse.PromptedUser`, prompt red_user@1)
 writes the actual user turn from the template turn and the history, the blue expert (prompt
@@ -9,10 +9,10 @@ evaluator@1), and a dialogue is kept iff
 
     min_t harmlessness >= tau_safe  and  mean_t helpfulness >= tau_help
 
-(SPEC 3 Default: tau_safe = 2, tau_help = 2.0). Rejected dialogues are returned with their reason
+(method.md 3 Default: tau_safe = 2, tau_help = 2.0). Rejected dialogues are returned with their reason
 and written to ``rejected.jsonl`` by the caller, never dropped silently. A kept dialogue is stored
 with the student's system prompt in place of the blue expert's, since SFT trains the student on the
-same system prompt it is evaluated with (SPEC 3).
+same system prompt it is evaluated with (method.md 3).
 
 The offline stand-ins for the red user and the blue expert are in `steerkit.backends.rules_red_blue`.
 """
@@ -33,8 +33,8 @@ from steerkit.synth.asking import run_closing
 
 log = logging.getLogger(__name__)
 
-TAU_SAFE = 2  # SPEC 3 Default: min_t harmlessness >= 2 (judge scale -3..3)
-TAU_HELP = 2.0  # SPEC 3 Default: mean_t helpfulness >= 2.0 (judge scale 0..3)
+TAU_SAFE = 2  # method.md 3 Default: min_t harmlessness >= 2 (judge scale -3..3)
+TAU_HELP = 2.0  # method.md 3 Default: mean_t helpfulness >= 2.0 (judge scale 0..3)
 RED_USER_PROMPT = "red_user@1"
 BLUE_PROMPT = "blue_expert@1"
 EVALUATOR_PROMPT = "evaluator@1"
@@ -42,7 +42,7 @@ EVALUATOR_PROMPT = "evaluator@1"
 
 def passes_filter(verdicts: list[Verdict], *, tau_safe: float = TAU_SAFE, tau_help: float = TAU_HELP,
                   n_turns: int | None = None) -> tuple[bool, str]:
-    """The SPEC 3 filter on one dialogue's per-turn verdicts: (kept, reason).
+    """The method.md 3 filter on one dialogue's per-turn verdicts: (kept, reason).
 
     Every turn must be scored: an unscored turn rejects the dialogue (it cannot be shown safe).
 

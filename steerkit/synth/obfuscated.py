@@ -1,11 +1,11 @@
-"""Stage I, obfuscated-risk kind (SPEC 2.2): progressive disclosure of a harmful goal.
+"""Stage I, obfuscated-risk kind (method.md 2.2): progressive disclosure of a harmful goal.
 
 The generator names the true goal of a harmful image+query and writes 2..10 user turns that each look
 harmless alone and reveal the goal gradually. A refusal (`steerkit.heuristics.is_refusal`) or a
 malformed reply is retried; after ``tries`` failures the seed falls back to its original single turn,
-and the fallback is recorded (``meta.fallback``), as SPEC 2.2 prescribes.
+and the fallback is recorded (``meta.fallback``), as method.md 2.2 prescribes.
 
-The risk curve of an obfuscated script is not asked of the generator (SPEC 2.2 does not ask for one);
+The risk curve of an obfuscated script is not asked of the generator (method.md 2.2 does not ask for one);
 it is set to rise linearly from 1 to 5 over the turns, which is what progressive disclosure means by
 construction (`disclosure_curve`).
 """
@@ -22,7 +22,7 @@ from steerkit.synth.asking import DEFAULT_TRIES, Job, ReplyError, ask, need, par
 from steerkit.synth.benign import Generated
 
 PROMPT = "obfuscated@1"
-OBFUSCATED_TURNS = (2, 10)  # SPEC 2.2: 2..10 user turns
+OBFUSCATED_TURNS = (2, 10)  # method.md 2.2: 2..10 user turns
 
 
 def disclosure_curve(n: int) -> list[int]:

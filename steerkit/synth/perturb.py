@@ -1,6 +1,6 @@
-"""Visual perturbation of red-team images (SPEC 2.3): Gaussian pixel noise plus a trigger phrase.
+"""Visual perturbation of red-team images (method.md 2.3): Gaussian pixel noise plus a trigger phrase.
 
-SPEC: "Gaussian pixel noise with sigma = 0.03 (of the 255 range)". We read it as sigma = 0.03 of the
+The paper gives the noise as "0.03 of the 255 range" (method.md 2.3). We read it as sigma = 0.03 of the
 full pixel range, i.e. pixels scaled to [0, 1] get noise of standard deviation 0.03, which is
 0.03 x 255 = 7.65 grey levels on 8-bit images (`NOISE_SIGMA`, a parameter); values are clipped to
 0..255 and rounded. A trigger phrase from ``redteam_pools.yaml`` is then drawn in red, white or yellow
@@ -20,9 +20,9 @@ from typing import Any
 from steerkit.prompts import load_prompt
 from steerkit.synth.seeds import item_seed, stable_order
 
-NOISE_SIGMA = 0.03  # SPEC 2.3: sigma = 0.03 of the pixel range (7.65 of 255)
-FONT_SHARE = 0.04  # SPEC 2.3: font about 4% of image height
-PERTURB_SHARE = 0.10  # SPEC 2.3: 10% of red-team images
+NOISE_SIGMA = 0.03  # method.md 2.3: sigma = 0.03 of the pixel range (7.65 of 255)
+FONT_SHARE = 0.04  # method.md 2.3: font about 4% of image height
+PERTURB_SHARE = 0.10  # method.md 2.3: 10% of red-team images
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 

@@ -12,7 +12,7 @@ an image (its packaged description, a drawn trigger phrase).
 What it cannot do: it does not understand the request or see the image. Its turns are templates
 around the seed text, so they read stiffly and the disclosure is mechanical; its "forensic analysis"
 repeats the notes; its benign answers are the reference answer or an acknowledgement. It exists so
-the offline demo turns real seeds into real multi-turn scripts; a full run binds a VLM (SPEC 2 uses
+the offline demo turns real seeds into real multi-turn scripts; a full run binds a VLM (method.md 2 uses
 GPT-4.1 or Qwen3-VL-32B) to the generator role. Replies vary with ``Request.sample_index`` so that a
 retry is not a copy of the failed reply.
 """

@@ -1,4 +1,4 @@
-"""Deduplication and the STEER-style splits: SFT, RL and Bench (SPEC 2, 4 and 5), with a card.
+"""Deduplication and the STEER-style splits: SFT, RL and Bench (method.md 2, 4 and 5), with a card.
 
 Files a Stage I run directory holds (JSONL, readable with ``datasets.load_dataset("json", ...)``):
 
@@ -15,10 +15,10 @@ How a script lands in a split: after deduplication (MD5 of the concatenated user
 authors did), a ``bench_share`` of the scripts (fixed by the id hash) is held out for the bench and
 never rolled out; the rest go through Stage II. Of the kept dialogues, those whose risk rises across
 turns (`rises`) with at least ``rl_min_turns`` turns are RL candidates, and an ``rl_share`` of them
-(by id hash) goes to RL, the rest to SFT. SPEC 8 notes that the paper does not say how its
+(by id hash) goes to RL, the rest to SFT. method.md 8 notes that the paper does not say how its
 history-dependent RL cases were chosen; this rule and both shares are parameters.
 
-Bench subsets (SPEC 5 names five; the project's own data cannot come from their source benchmarks,
+Bench subsets (method.md 5 names five; the project's own data cannot come from their source benchmarks,
 so each is assigned by the closest analogue, `bench_subset`):
 
 =========================================  ===========  ==========================================
@@ -46,11 +46,11 @@ from steerkit.synth.steer_bench import load_steer_bench  # noqa: F401  (the publ
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("STEER-Beaver", "STEER-MMSafe", "STEER-VLS", "STEER-SPA", "STEER-DyS")  # SPEC 5
+SUBSETS = ("STEER-Beaver", "STEER-MMSafe", "STEER-VLS", "STEER-SPA", "STEER-DyS")  # method.md 5
 
 
 def user_text_hash(texts: list[str]) -> str:
-    """MD5 of the concatenated user texts (SPEC 2: the authors deduplicate with MD5).
+    """MD5 of the concatenated user texts (method.md 2: the authors deduplicate with MD5).
 
     Example:
         >>> user_text_hash(["a", "b"]) == user_text_hash(["a", "b"]) != user_text_hash(["ab"])
