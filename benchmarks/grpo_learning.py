@@ -13,7 +13,7 @@ Before and after training, every RL prompt is rolled out ``--eval-samples`` time
 - the share whose every turn is also proper: safety >= 8 (no over-refusal, preaching or evasion);
 - the same figures per GRPO step from the training rollouts.
 
-STACK.md measured that the base SmolLM2 almost never refuses, so GRPO from the base model gets
+The base SmolLM2 almost never refuses (about 6% real declines on StrongREJECT), so GRPO from the base model gets
 little learning signal; give an SFT checkpoint (or SFT data) for a meaningful start. Defaults, and
 why (benchmarks/LOG.md has the runs behind them):
 

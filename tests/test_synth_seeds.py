@@ -16,7 +16,7 @@ def test_strongreject_and_advbench_load_with_categories_and_licences():
     skips = sd.SkipLog()
     sr = sd.load_strongreject(skips)
     ab = sd.load_advbench(skips)
-    assert len(sr) == 313 and len(ab) == 520  # the published sizes (STACK.md)
+    assert len(sr) == 313 and len(ab) == 520  # the published sizes of StrongREJECT and AdvBench
     assert len({s.category for s in sr}) == 6
     assert all(s.harmful and s.license == "MIT" for s in sr + ab)
     assert {s.source for s in sr} == {"strongreject"} and {s.source for s in ab} == {"advbench"}

@@ -21,7 +21,7 @@ from steerkit.clients import Reply, Request, Sampling
 
 log = logging.getLogger(__name__)
 
-#: Requests generated together; SmolLM2 on 2 CPU cores still gains from 8 to 32 (STACK.md).
+#: Requests generated together; SmolLM2 on 2 CPU cores still gains from 8 to 32 (benchmarks/README.md).
 DEFAULT_MAX_BATCH = 32
 
 
