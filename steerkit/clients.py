@@ -350,7 +350,7 @@ def run_sync(coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
     def target() -> None:
         try:
             box["v"] = _run_fresh(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread, whatever it is
             box["e"] = exc
 
     t = threading.Thread(target=target)

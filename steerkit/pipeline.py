@@ -43,7 +43,12 @@ from typing import Any
 
 from steerkit.layout import MANIFEST_FILE, PIPELINE_MANIFEST
 from steerkit.notebooks import (
-    NOTEBOOKS_DIR, StageError, check_parameters, execute, notebook_parameters, notebook_path,
+    NOTEBOOKS_DIR,
+    StageError,
+    check_parameters,
+    execute,
+    notebook_parameters,
+    notebook_path,
 )
 from steerkit.progress import ProgressTail
 from steerkit.runs import DEFAULT_RUNS_ROOT, REPO_ROOT, atomic_write_json, git_revision, new_run_id
@@ -143,7 +148,7 @@ def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) 
             raise FileNotFoundError(f"recipe {path} does not exist (profiles: smoke, full, full_7b; or give a YAML path)")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
-            raise ValueError(f"{path}: a recipe is a mapping with an optional 'stages' mapping")
+            raise ValueError(f"{path}: a recipe is a mapping with an optional 'stages' mapping")  # noqa: TRY004 - a bad file, not a bad call
         unknown = set(data) - {"offline", "stages", "description", "endpoints"}
         if unknown:
             raise ValueError(
@@ -158,7 +163,7 @@ def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) 
         recipe.setdefault("endpoints", {}).update(endpoints)
         for key, params in (data.get("stages") or {}).items():
             if not isinstance(params, dict):
-                raise ValueError(f"{path}: stages.{key} must map parameter names to values")
+                raise ValueError(f"{path}: stages.{key} must map parameter names to values")  # noqa: TRY004 - a bad file
             recipe["stages"].setdefault(str(key), {}).update(params)
         if "offline" in data:
             recipe["offline"] = bool(data["offline"])

@@ -15,8 +15,6 @@ from typing import Any
 from steerkit.layout import CAPTIONS_FILE, RL_FILE
 from steerkit.schema import Dialogue, Script
 
-
-
 RLRecord = Dialogue | Script
 
 

@@ -201,7 +201,7 @@ def test_max_turns_truncates_and_counts(tmp_path: Path) -> None:
 
 
 def test_evaluate_input_errors(tmp_path: Path) -> None:
-    path, items = bench(tmp_path)
+    _, items = bench(tmp_path)
     run = open_run("04_eval", run_id="r7", root=tmp_path / "runs")
     s, j = ChatClient(ScriptedBackend(student_fn)), ChatClient(RulesBackend())
     with pytest.raises(ValueError, match="pass root="):
@@ -216,7 +216,7 @@ def test_evaluate_input_errors(tmp_path: Path) -> None:
 def test_load_bench_release_and_parquet(tmp_path: Path) -> None:
     tiny_png(tmp_path / "img" / "a.png")
     # A release-style JSONL with a column beyond the published ones (ignored and logged).
-    turn = lambda text: {"role": "user", "content": text}  # noqa: E731
+    turn = lambda text: {"role": "user", "content": text}
     rows = [
         {"question_id": "17", "messages_fixed": [turn("first"), turn("second")], "image": "img/a.png",
          "category": "c", "source_category": "STEER-DyS", "risk_trajectory": [0.1, 0.9], "model_notes": "x"},
@@ -230,10 +230,10 @@ def test_load_bench_release_and_parquet(tmp_path: Path) -> None:
     assert items[0].image == "img/a.png" and items[0].risk_trajectory == [0.1, 0.9]
     assert items[1].user_turns == ["only turn"] and items[1].image is None
     # Our records as Parquet, read strictly.
-    from steerkit.schema import write_jsonl
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from steerkit.schema import write_jsonl
 
     item = BenchItem(question_id="p1", messages_fixed=[Message(role="user", content="a")], image="img/a.png",
                      risk_trajectory=[1.0])

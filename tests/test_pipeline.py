@@ -199,7 +199,7 @@ def test_killed_during_03_resumes_without_rerunning_01_and_02(stand_ins: Path, t
     first_01 = Path(interrupted["stages"]["01"]["executed_notebook"]).stat().st_mtime_ns
 
     hold.unlink()
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr
     manifest = json.loads((runs / "killed" / "pipeline.json").read_text())
     assert manifest["status"] == "finished"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from steerkit import layout
 from steerkit.backends.rules import RulesBackend
 from steerkit.clients import ChatClient
 from steerkit.roles import Roles, make_backend
 from steerkit.runs import open_run
 from steerkit.schema import BenchItem, Dialogue, load_jsonl
-from steerkit import layout
 from steerkit.synth.synthesize import SynthParams, synthesize
 
 
