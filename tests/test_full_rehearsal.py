@@ -1,0 +1,176 @@
+"""A dress rehearsal of the full profile: ``steerkit run --profile full`` end to end on loopback.
+
+`configs/pipeline_full.yaml` itself runs, with ``--set`` changing only sizes, model paths and URLs
+(and where notebook 04 writes its figures): the roles the profile serves are served by real
+OpenAI-compatible HTTP servers on loopback, laid out as the profile lays them out (generator, user
+agents and tutor on one, evaluator and judge on the other), answering the project's own prompts
+from the messages alone and, at seeded rates, with malformed, truncated or refused replies
+(`steerkit.rehearsal`). The student is a tiny Qwen2.5-VL-shaped checkpoint in a folder, named by
+path where the profile names ``/models/Qwen2.5-VL-3B-Instruct``: SFT fine-tunes all of it by
+epochs, GRPO keeps the profile's B prompts x K generations over several turns, and notebook 04
+evaluates every checkpoint with the served judge.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from steerkit import pipeline as pl
+from steerkit.rehearsal import SERVED_PROMPTS, RehearsalServers
+
+PROFILE_STUDENT = "/models/Qwen2.5-VL-3B-Instruct"
+#: Reply flaws a real model sends now and then; transport faults the client must retry.
+FLAWS = {"malformed": 0.04, "truncated": 0.03, "refused": 0.02}
+FAULTS = {"http500": 0.02, "http429": 0.01}
+#: Sizes only: the profile's structure (epochs, B x K, turn limit, served roles) is kept.
+SIZES = [
+    "01.n_benign=6",
+    "01.n_obfuscated=8",
+    "01.n_redteam=2",
+    "01.target_max_tokens=8",
+    "01.tries=2",
+    "02.batch_size=4",
+    "02.per_device_batch_size=2",
+    "02.max_length=2048",
+    "02.n_prompts=2",
+    "02.max_new_tokens=8",
+    "03.n_prompts=4",
+    "03.prompts_per_step=2",
+    "03.num_generations=2",
+    "03.max_steps=2",
+    "03.max_new_tokens=8",
+    "04.max_tokens=8",
+    "04.n_resamples=50",
+]
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from steerkit.cli import main
+    from steerkit.models import build_tiny_vlm
+
+    student = build_tiny_vlm(tmp_path_factory.mktemp("Qwen2.5-VL-3B-Instruct"))
+    runs = tmp_path_factory.mktemp("papermill_runs")
+    recipe = pl.load_recipe("full")
+    with RehearsalServers(recipe, seed=0, flaws=FLAWS, faults=FAULTS, retry_after=0.05) as served:
+        sets = [
+            *SIZES,
+            *served.sets({PROFILE_STUDENT: str(student)}),
+            '04.figures_dir="{pipeline}/figures"',
+        ]
+        rc = main(
+            [
+                "run",
+                "--profile",
+                "full",
+                "--runs-root",
+                str(runs),
+                "--run-id",
+                "rehearsal",
+                *(f"--set={s}" for s in sets),
+            ]
+        )
+        counts = served.counts()
+        urls = served.urls()
+    manifest_path = runs / "rehearsal" / "pipeline.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    return {
+        "rc": rc,
+        "manifest": manifest,
+        "counts": counts,
+        "urls": urls,
+        "student": student,
+        "sets": sets,
+        "runs": runs / "rehearsal",
+    }
+
+
+def _failure(r: dict[str, Any]) -> str:
+    failed = {
+        k: v.get("error", "")[-3000:]
+        for k, v in r["manifest"].get("stages", {}).items()
+        if v.get("status") != "finished"
+    }
+    return json.dumps(failed, indent=1)
+
+
+@pytest.mark.slow
+def test_the_full_profile_runs_end_to_end(rehearsal: dict[str, Any]) -> None:
+    assert rehearsal["rc"] == 0, _failure(rehearsal)
+    manifest = rehearsal["manifest"]
+    assert manifest["status"] == "finished" and manifest["profile"] == "full"
+    assert list(manifest["stages"]) == [s.key for s in pl.STAGES]
+
+
+@pytest.mark.slow
+def test_only_sizes_paths_and_urls_were_changed(rehearsal: dict[str, Any]) -> None:
+    """Every stage ran the profile's values except the overridden sizes, paths and URLs."""
+    recipe = pl.load_recipe("full")["stages"]
+    changed = {s.partition("=")[0] for s in rehearsal["sets"]}
+    for key, record in rehearsal["manifest"]["stages"].items():
+        stage = next(s for s in pl.STAGES if s.key == key)
+        expected = {**recipe.get(stage.notebook, {}), **recipe.get(key, {})}
+        for name, value in expected.items():
+            if f"{stage.notebook}.{name}" in changed or f"{key}.{name}" in changed:
+                continue
+            assert record["parameters"][name] == value, (key, name)
+
+
+@pytest.mark.slow
+def test_served_roles_sit_where_the_profile_puts_them(rehearsal: dict[str, Any]) -> None:
+    """Generator, user agents and tutor on one server; evaluator and judge on the other; every
+    prompt recognised and read back; flawed replies and transport faults met and survived."""
+    counts = rehearsal["counts"]
+    assert set(counts) == {"http://localhost:8000/v1", "http://localhost:8001/v1"}
+    roles_8000 = set(counts["http://localhost:8000/v1"]["prompts"])
+    roles_8001 = set(counts["http://localhost:8001/v1"]["prompts"])
+    assert (
+        {"benign", "obfuscated", "red_user", "blue_expert", "tutor"}
+        <= roles_8000
+        <= set(SERVED_PROMPTS)
+    )
+    assert {"evaluator", "judge"} <= roles_8001 <= {"evaluator", "judge"}
+    for c in counts.values():
+        assert "unrecognised" not in c["prompts"] and "unreadable" not in c["prompts"], c
+    assert sum(sum(c["flawed"].values()) for c in counts.values()) > 0
+    assert sum(c["server"]["outcomes"].get("http500", 0) for c in counts.values()) > 0
+
+
+@pytest.mark.slow
+def test_sft_trained_the_whole_student_by_epochs(rehearsal: dict[str, Any]) -> None:
+    run = Path(rehearsal["manifest"]["stages"]["02"]["run_dir"])
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["parameters"]["finetune"] == "full" and m["parameters"]["max_steps"] == -1
+    assert m["summary"]["global_step"] >= 2
+    assert (run / "checkpoint" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["03_tcsr", "03_mean"])
+def test_grpo_kept_the_profiles_structure(rehearsal: dict[str, Any], key: str) -> None:
+    from steerkit.frames import grpo_frames
+
+    run = Path(rehearsal["manifest"]["stages"][key]["run_dir"])
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["parameters"]["lora"] is False and m["parameters"]["max_turns"] == 10
+    _, turns = grpo_frames({key: run})
+    per_step = turns.drop_duplicates(["step", "row"]).groupby("step").size()
+    assert (per_step == 2 * 2).all() and len(per_step) == 2  # B x K trajectories, max_steps steps
+    assert turns.turn.max() > 1 and turns.safety.notna().any()
+
+
+@pytest.mark.slow
+def test_04_evaluated_every_checkpoint_with_the_served_judge(rehearsal: dict[str, Any]) -> None:
+    from steerkit import frames
+
+    run = Path(rehearsal["manifest"]["stages"]["04"]["run_dir"])
+    evals = frames.evaluations(run)
+    assert {e.label for e in evals} == {"base", "SFT", "GRPO-tcsr", "GRPO-mean"}
+    judge = f"openai:Qwen/Qwen3-VL-30B-A3B-Instruct@{rehearsal['urls']['http://localhost:8001/v1']}"
+    assert set(frames.runs_df(evals).judge) == {judge}
+    turns = frames.turns_df(evals)
+    assert turns.scored.mean() > 0.8, turns[~turns.scored].unscored_reason.value_counts()
