@@ -113,6 +113,11 @@ def parse_assignment(text: str) -> tuple[str | None, str, Any]:
     (None, 'seed', 7)
     >>> parse_assignment("04.labels=[base, sft]")
     ('04', 'labels', ['base', 'sft'])
+
+    A value opening with a placeholder stays a string (YAML would read ``{pipeline}`` as a mapping):
+
+    >>> parse_assignment("04.figures_dir={pipeline}/figures")
+    ('04', 'figures_dir', '{pipeline}/figures')
     """
     import yaml
 
@@ -120,7 +125,13 @@ def parse_assignment(text: str) -> tuple[str | None, str, Any]:
     if not sep or not name.strip():
         raise ValueError(f"--set {text!r}: write <param>=<value> or <stage>.<param>=<value>")
     scope, dot, param = name.strip().rpartition(".")
-    return (scope if dot else None), param, yaml.safe_load(raw) if raw.strip() else ""
+    if re.match(r"\{[0-9A-Za-z_]+\}", raw.strip()):
+        return (scope if dot else None), param, raw.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text!r}: the value is not YAML ({e.problem}); quote it") from None
+    return (scope if dot else None), param, value
 
 
 def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         sets = [
             *SIZES,
             *served.sets({PROFILE_STUDENT: str(student)}),
-            '04.figures_dir="{pipeline}/figures"',
+            "04.figures_dir={pipeline}/figures",
         ]
         rc = main(
             [
