@@ -15,7 +15,7 @@ Before and after training, every RL prompt is rolled out ``--eval-samples`` time
 
 STACK.md measured that the base SmolLM2 almost never refuses, so GRPO from the base model gets
 little learning signal; give an SFT checkpoint (or SFT data) for a meaningful start. Defaults, and
-why (benchmarks/README.md has the runs behind them):
+why (benchmarks/LOG.md has the runs behind them):
 
 - 128 tokens a turn: the SFT data's refusals are 96-114 SmolLM2 tokens, and a turn cut before
   ``</answer>`` loses the format term (1.0 of a turn reward of at most 2.0), so at 48 tokens a

@@ -125,7 +125,8 @@ def vllm_turns(model, proc, *, tokens: int):
 
 def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: list[str],
         engine: str = "generate") -> list[dict]:
-    from steerkit.models import build_tiny_vlm, load_student
+    from steerkit.models import load_student
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     if model_name == "smollm2":
         model, proc = load_student("smollm2")

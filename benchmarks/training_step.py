@@ -320,8 +320,8 @@ def main() -> None:
         run_phase(args)
         return
 
-    from steerkit.models import smollm2_path
     from steerkit.sft import offline_sft_data
+    from steerkit.smollm2 import smollm2_path
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))
     print(f"runs: {root}" + ("" if args.root else " (removed at the end; a failed phase leaves it)"), flush=True)

@@ -30,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-root", type=Path, default=DEFAULT_RUNS_ROOT, help="default: papermill_runs/")
     p.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="where the numbered notebooks live")
     p.add_argument("-v", "--verbose", action="store_true", help="stream cell outputs as the notebooks run")
+    p.add_argument("--no-progress", action="store_true", help="do not print each stage's progress (steps, rollouts, judged turns)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise ValueError(f"no unfinished {profile or ''} pipeline under {args.runs_root} to resume")
             run_id = run_id or pl.new_pipeline_id(profile)
             pipe = pl.Pipeline(recipe, run_id, runs_root=args.runs_root, notebooks_dir=args.notebooks_dir,
-                               sets=args.sets, log_output=args.verbose)
+                               sets=args.sets, log_output=args.verbose, show_progress=not args.no_progress)
             log.info("pipeline %s (resume it with: steerkit run --profile %s --run-id %s)", pipe.path, args.profile, run_id)
             manifest = pipe.run(args.stages.split(",") if args.stages else None)
         else:
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             alone = pl.Stage(stages[0].key, stages[0].notebook, stages[0].run_id)
             run_id = args.run_id or pl.new_pipeline_id(f"stage{alone.key}")
             pipe = pl.Pipeline(recipe, run_id, runs_root=args.runs_root, notebooks_dir=args.notebooks_dir,
-                               stages=(alone,), sets=args.sets, log_output=args.verbose)
+                               stages=(alone,), sets=args.sets, log_output=args.verbose,
+                               show_progress=not args.no_progress)
             manifest = pipe.run()
     except (StageError, ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         log.error("%s", e)

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ from steerkit.judge import (
     verdicts_for,
 )
 from steerkit.layout import DIALOGUES_FILE, MAX_TURNS
+from steerkit.progress import Progress
 from steerkit.prompts import load_prompt
 from steerkit.runs import Run
-from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, load_records, resolve_image
+from steerkit.schema import BenchItem, Dialogue, RecordError, Verdict, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ CHUNK_SIZE = 32  # dialogues played together (one batched generate per turn for 
 def load_bench(path: str | Path, *, split: str = "test", image_dir: Path | None = None) -> list[BenchItem]:
     """Bench items from our records or the official STEER-Bench files, with unique question ids.
 
-    ``.parquet`` files are read strictly as `BenchItem` records (`steerkit.schema.load_records`);
-    anything else (our JSONL, a release JSONL with extra columns, a hub name or a data-set folder)
-    goes through `steerkit.synth.splits.load_steer_bench`, which knows the published field names.
+    Everything (our JSONL or Parquet, a release file with plain-string turns or extra columns, a
+    data-set folder, a hub name) goes through `steerkit.synth.splits.load_steer_bench`, which knows
+    the published field names and checks every record and image ref (docs/data.md).
     Image refs are relative to the file's folder: pass that folder as ``root`` to `evaluate`.
 
     Raises:
@@ -67,10 +68,7 @@ def load_bench(path: str | Path, *, split: str = "test", image_dir: Path | None 
     from steerkit.synth.splits import load_steer_bench
 
     path = Path(path)
-    if path.suffix == ".parquet":
-        items = load_records(BenchItem, path)
-    else:
-        items = load_steer_bench(path, split=split, image_dir=image_dir)
+    items = load_steer_bench(path, split=split, image_dir=image_dir)
     seen: dict[str, int] = {}
     for n, it in enumerate(items, start=1):
         if it.question_id in seen:
@@ -149,6 +147,7 @@ async def _play_and_judge(
     judge_sampling: Sampling,
     max_turns: int,
     risks: Mapping[str, RiskInfo],
+    on_judged: Callable[[int], None] = lambda n: None,
 ) -> dict[str, list[Verdict]]:
     """Play a chunk; each finished turn is sent to the judge while the student goes on."""
     p = load_prompt(prompt)
@@ -165,12 +164,16 @@ async def _play_and_judge(
                     kind, "student_error", grader=judge.spec, prompt_version=p.id,
                     extra={"turn": t, "dialogue_id": s.id, "detail": s.replies[-1].error or ""},
                 ))
+                on_judged(1)
                 continue
             fields = turn_fields(s.messages, t, risk=risks[s.id], dialogue_id=s.id)
             reqs.append(turn_request(fields, p, root=s.root, captions=s.captions, sampling=judge_sampling))
             ids.append(s.id)
         if reqs:
-            pending.append((ids, asyncio.ensure_future(verdicts_for(judge, reqs))))
+            future = asyncio.ensure_future(verdicts_for(judge, reqs))
+            n_reqs = len(reqs)
+            future.add_done_callback(lambda f: f.cancelled() or on_judged(n_reqs))
+            pending.append((ids, future))
 
     try:
         await play(states, user=StaticUser(), assistant=student, sampling=sampling, max_turns=max_turns,
@@ -262,7 +265,8 @@ def evaluate(
                 risks = {it.question_id: RiskInfo(it.category, tuple(it.risk_trajectory), risk_scale) for it in chunk}
                 verdicts = await _play_and_judge(states, student=student, judge=judge, prompt=prompt,
                                                  sampling=sampling, judge_sampling=judge_sampling,
-                                                 max_turns=max_turns, risks=risks)
+                                                 max_turns=max_turns, risks=risks,
+                                                 on_judged=progress.advance)
                 for s in states:
                     s.meta["student_finish"] = [r.finish for r in s.replies]
                 # one write and one fsync per chunk, not per dialogue
@@ -273,7 +277,9 @@ def evaluate(
             await judge.backend.aclose()
 
     if todo:
-        run_sync(go())
+        turns = sum(min(len(it.messages_fixed), max_turns) for it in todo)
+        with Progress(run.path, "judged turns", total=turns, unit="turns") as progress:
+            run_sync(go())
     by_id = {}
     for rec in results:
         by_id[str(rec["id"])] = rec  # a redone item's later record wins

@@ -24,6 +24,7 @@ from typing import Any
 
 from steerkit.clients import ChatClient
 from steerkit.layout import CHECKPOINT, MAX_TURNS, METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
+from steerkit.progress import progress_callback
 from steerkit.rewards import (
     PAPER_WEIGHTS,
     PROPER_TURN,
@@ -56,6 +57,8 @@ BETA = 0.001
 def _trainer_class() -> type:
     from trl import GRPOTrainer
 
+    from steerkit.distributed import weights_digest, whole_weights
+
     class TutorGRPOTrainer(GRPOTrainer):
         """GRPOTrainer that lets the rollout function see the dataset rows behind its prompts.
 
@@ -63,12 +66,62 @@ def _trainer_class() -> type:
         live in other columns of the same rows, kept here for the duration of one generation batch.
         """
 
+        #: during a loss computation, the completion positions the loss does not read (env_mask 0)
+        _unread: Any = None
+
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             self.rollout_rows = inputs
             try:
                 return super()._generate_and_score_completions(inputs)
             finally:
                 self.rollout_rows = None
+
+        def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+            """TRL's loss with the log-probs of the positions it does not read set to 0 on all sides.
+
+            TRL 1.16 evaluates the k3 KL ``exp(ref - cur) - (ref - cur) - 1`` at every completion
+            position and applies the loss mask afterwards. At the tutor's inserted turns (env_mask 0)
+            the policy is never trained, so ``ref - cur`` can grow without bound; past about 88 the
+            exponential is inf, and inf x 0 is NaN in the loss and in every gradient (a finite logged
+            loss, a NaN grad_norm). With the reference, old and current log-probs all 0 there, the KL
+            and the importance ratio are exactly 0 and 1 at those positions and nothing flows back.
+            """
+            keep = inputs.get("tool_mask")
+            if keep is None:
+                return super()._compute_loss(model, inputs)
+            unread = keep == 0
+            inputs = dict(inputs)
+            for name in ("ref_per_token_logps", "old_per_token_logps", "sampling_per_token_logps"):
+                if inputs.get(name) is not None and inputs[name].shape == unread.shape:
+                    inputs[name] = inputs[name].masked_fill(unread, 0.0)
+            self._unread = unread
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._unread = None
+
+        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if self._unread is not None and logps.shape == self._unread.shape:
+                # masked_fill: no gradient reaches the filled positions (a multiply by 0 would carry NaN)
+                logps = logps.masked_fill(self._unread, 0.0)
+            return logps, entropies, aux
+
+        def _generate(self, prompts: list[Any]) -> Any:
+            if self.use_vllm:  # vLLM decodes; the trained model runs no forward pass in the rollout
+                return super()._generate(prompts)
+            # FSDP2 / ZeRO-3: processes decode different numbers of steps (steerkit.distributed)
+            with whole_weights(self.model_wrapped, self.accelerator):
+                return super()._generate(prompts)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().train(*args, **kwargs)
+            acc = self.accelerator
+            if acc.num_processes > 1 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                # data parallel: every process holds the whole model, and all must hold the same one
+                log.info("process %d of %d: trained weights sha256 %s", acc.process_index, acc.num_processes,
+                         weights_digest(acc.unwrap_model(self.model)))
+            return out
 
     return TutorGRPOTrainer
 
@@ -323,7 +376,8 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir), callbacks=[guard],
+        rollout_func=TutorRollout(tutor, rcfg, reward, run_dir=run_dir),
+        callbacks=[guard, progress_callback(run_dir, "GRPO")],
     )
     trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
     return trainer
@@ -418,6 +472,7 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
                            output_dir=run.path / "trainer", run_dir=run.path)
     trainer.add_callback(_jsonl_log_callback(logs[TRAIN_LOG]))
+    run.update_manifest(world_size=trainer.accelerator.num_processes)  # prompts_per_step is per process
     trainer.train()
     ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
     metrics, train_log = read_records(logs[METRICS_FILE]), read_records(logs[TRAIN_LOG])
@@ -432,14 +487,26 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
 
 
 def save_checkpoint(trainer: Any, dest: Path) -> Path:
-    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class."""
+    """The trained student as a plain checkpoint (a LoRA adapter merged in) with its processing class.
+
+    In a multi-process launch the main process writes it. With FSDP or ZeRO-3 the weights are sharded:
+    every process takes part in gathering them (``Trainer.save_model``), and a LoRA run leaves the
+    adapter, not merged weights (docs/multi_gpu.md).
+    """
     from peft import PeftModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(dest)
-    trainer.processing_class.save_pretrained(dest)
+    acc = trainer.accelerator
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(dest))
+        if acc.is_main_process:
+            trainer.processing_class.save_pretrained(dest)
+    elif acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        model.save_pretrained(dest)
+        trainer.processing_class.save_pretrained(dest)
+    acc.wait_for_everyone()
     return dest
 
 
@@ -455,3 +522,9 @@ def _jsonl_log_callback(path: Path) -> Any:
                 ResultLog(path, key="step", fsync=False).append({"step": state.global_step, **clean})
 
     return JsonlLog()
+
+
+if __name__ == "__main__":  # python -m steerkit.grpo / accelerate launch -m steerkit.grpo (steerkit.grpo_cli)
+    from steerkit.grpo_cli import main
+
+    main()

@@ -260,7 +260,7 @@ def calibration_file(judge: str) -> Path:
     >>> calibration_file("openai:qwen@http://h:8000/v1").name
     'openai_qwen_http___h_8000_v1.json'
     """
-    from steerkit.models import cache_dir
+    from steerkit.smollm2 import cache_dir
 
     slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in judge)
     return cache_dir() / "judge_calibration" / f"{slug}.json"

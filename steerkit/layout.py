@@ -11,6 +11,7 @@ MAX_TURNS = 10  # a dialogue stops after 10 user turns (method.md 4: max_turns 1
 MANIFEST_FILE = "manifest.json"  # parameters, roles, prompts, versions, seeds, summary
 CHECKPOINT = "checkpoint"  # a training run's final model, loadable as hf:<run>/checkpoint
 TRAIN_LOG = "train_log.jsonl"  # the trainer's logged losses, one line per logging step
+PROGRESS_FILE = "progress.jsonl"  # where a running stage is (steerkit.progress), read by steerkit run
 
 # Stage I (01_synthesize_steer) writes, stages II-IV read.
 SEEDS_FILE = "seeds.jsonl"

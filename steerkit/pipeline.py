@@ -37,6 +37,7 @@ from steerkit.layout import MANIFEST_FILE, PIPELINE_MANIFEST
 from steerkit.notebooks import (
     NOTEBOOKS_DIR, StageError, check_parameters, execute, notebook_parameters, notebook_path,
 )
+from steerkit.progress import ProgressTail
 from steerkit.runs import DEFAULT_RUNS_ROOT, REPO_ROOT, atomic_write_json, git_revision, new_run_id
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class Pipeline:
     stages: tuple[Stage, ...] = STAGES
     sets: Sequence[str] = ()
     log_output: bool = False
+    #: Print each running stage's progress (steps, rollouts, judged turns) on stderr.
+    show_progress: bool = True
 
     @property
     def path(self) -> Path:
@@ -298,10 +301,11 @@ class Pipeline:
             log.info("stage %s: %s (run %s)", stage.key, record["notebook"], stage.run_id)
             start = time.monotonic()
             try:
-                done = execute(
-                    stage.notebook, {**values, **inputs}, runs_root=self.path, run_id=stage.run_id,
-                    notebooks_dir=self.notebooks_dir, log_output=self.log_output, env=env,
-                )
+                with ProgressTail(self.path, stage.run_id, stage.key, enabled=self.show_progress):
+                    done = execute(
+                        stage.notebook, {**values, **inputs}, runs_root=self.path, run_id=stage.run_id,
+                        notebooks_dir=self.notebooks_dir, log_output=self.log_output, env=env,
+                    )
             except Exception as e:
                 record.update(status="failed", error=str(e), seconds=round(time.monotonic() - start, 1))
                 if isinstance(e, StageError) and e.kernel_cpu_seconds is not None:

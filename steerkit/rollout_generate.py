@@ -6,6 +6,7 @@ This is the engine for CPU and small GPUs (`steerkit.rollout_vllm` is the one fo
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -41,6 +42,15 @@ def generation_copy(model: Any, dtype: str | None) -> Any:
     if hasattr(clone, "merge_and_unload"):  # PEFT: one plain model, no adapter hooks while decoding
         clone = clone.merge_and_unload()
     return clone.to(getattr(torch, dtype)).eval()
+
+
+@functools.cache
+def _cache_name() -> str:
+    """``generate``'s name for the KV cache (argument and output field): ``cache`` in transformers
+    5.2x, ``past_key_values`` in 5.17 (which Unsloth's environment pins)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 class TurnGenerator:
@@ -93,7 +103,7 @@ class TurnGenerator:
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                **{k: (v.to(device) if hasattr(v, "to") and k != "cache" else v) for k, v in kwargs.items()},
+                **{k: (v.to(device) if hasattr(v, "to") and k != _cache_name() else v) for k, v in kwargs.items()},
                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
                 repetition_penalty=None, max_new_tokens=cfg.max_new_tokens, suppress_tokens=self.suppress or None,
                 eos_token_id=self.stop, pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
@@ -113,7 +123,7 @@ class TurnGenerator:
             lps.append(logps[i, :end].tolist())
             kept[i, :end] = 1
         if self.reuse_cache:
-            self.cache = out.cache
+            self.cache = getattr(out, _cache_name())
             self.ids = out.sequences.cpu()
             self.mask = torch.cat([mask, kept], dim=1)
             self.row_of = {s: r for r, s in enumerate(live)}
@@ -146,4 +156,4 @@ class TurnGenerator:
         block, block_mask = _left_padded(new, self.pad_id)
         ids = torch.cat([self.ids, block], dim=1)
         mask = torch.cat([self.mask, block_mask], dim=1)
-        return ids, mask, {"cache": self.cache}
+        return ids, mask, {_cache_name(): self.cache}

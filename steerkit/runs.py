@@ -3,6 +3,10 @@
 A run is ``papermill_runs/<stage>/<run_id>/`` holding ``manifest.json`` (parameters, roles, prompt
 versions, git commit and dirty flag, package versions, seeds), data files and logs. Results are
 appended one JSON line at a time and flushed, so a killed run resumes from what is on disk.
+
+A run directory has one writer: in a multi-process launch (``accelerate launch``, ``torchrun``) the
+manifest and the result logs are written by the main process only (`writes_run_files`); the other
+processes read them.
 """
 
 from __future__ import annotations
@@ -95,6 +99,11 @@ def scrub_secrets(value: Any) -> Any:
     return json.loads(text)
 
 
+def writes_run_files() -> bool:
+    """False in every process of a distributed launch but the main one (its ``RANK`` is not 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def new_run_id(prefix: str = "") -> str:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{prefix}{stamp}-{os.getpid() % 10000:04d}"
@@ -117,7 +126,8 @@ class Run:
     def update_manifest(self, **fields: Any) -> None:
         """Merge fields into the manifest and rewrite it atomically."""
         self.manifest.update(scrub_secrets(fields))
-        atomic_write_json(self.path / MANIFEST_FILE, self.manifest)
+        if writes_run_files():
+            atomic_write_json(self.path / MANIFEST_FILE, self.manifest)
 
     def results(self, name: str) -> ResultLog:
         return ResultLog(self.path / name)
@@ -178,7 +188,8 @@ def open_run(
             "platform": platform.platform(),
         }
     run = Run(path=path, manifest=manifest)
-    atomic_write_json(mpath, scrub_secrets(manifest))
+    if writes_run_files():
+        atomic_write_json(mpath, scrub_secrets(manifest))
     return run
 
 
@@ -191,7 +202,8 @@ class ResultLog:
     """An append-only JSONL file of results keyed by ``key``; the unit of resume.
 
     Each record is written as one line and flushed; a line cut short by a kill is ignored on reading
-    (and rewritten when the item is redone), so a half-written record never reads as valid.
+    (and rewritten when the item is redone), so a half-written record never reads as valid. Only the
+    main process of a distributed launch writes (`writes_run_files`).
     """
 
     def __init__(self, path: Path, key: str = "id", *, fsync: bool = True) -> None:
@@ -202,7 +214,7 @@ class ResultLog:
         self._repair_tail()
 
     def _repair_tail(self) -> None:
-        if not self.path.exists():
+        if not self.path.exists() or not writes_run_files():
             return
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -228,7 +240,7 @@ class ResultLog:
     def extend(self, records: Sequence[dict[str, Any]]) -> None:
         """Append records with one write and one fsync (an fsync can cost milliseconds, more than
         the record); a kill keeps the whole lines written, as with `append`."""
-        if not records:
+        if not records or not writes_run_files():
             return
         text = "".join(json.dumps(scrub_secrets(r), ensure_ascii=False, default=str) + "\n" for r in records)
         with self.path.open("a", encoding="utf-8") as f:

@@ -1,5 +1,7 @@
 """Records of the workbench, strict JSONL loading, and conversions to TRL rows.
 
+Size: every record type and its strict loader in one file, so the JSONL contract reads in one place.
+
 A dialogue as one JSONL line (image paths are relative to the file's folder)::
 
     {"id": "sr-0007-obf", "kind": "obfuscated", "strategy": "progressive_disclosure",
@@ -158,11 +160,6 @@ class Dialogue(_Strict):
     def user_texts(self) -> list[str]:
         return [m.content for m in self.messages if m.role == "user"]
 
-    def _repr_html_(self) -> str:
-        from steerkit.render import dialogue_html
-
-        return dialogue_html(self)
-
 
 class Seed(_Strict):
     """A single-turn seed: a query, optional image, and where it came from."""
@@ -270,10 +267,14 @@ def parse_line(cls: type[R], line: str, *, path: Path, lineno: int, check_images
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise RecordError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{where}: JSON nested too deeply to be a record") from None
     if not isinstance(data, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
     try:
         record = cls.model_validate(data)
+    except RecursionError:
+        raise RecordError(f"{where}: a field nested too deeply to be a record") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(record)"

@@ -26,6 +26,7 @@ Command line, one process or DDP (on a CPU-only machine DDP runs over gloo; ``ac
 
     python -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=papermill_runs/01_synthesize_steer/<id>
     accelerate launch --multi_gpu --num_processes 2 -m steerkit.sft --config configs/sft_smoke_cpu.yaml --set data=...
+    python -m steerkit.sft --config configs/sft_unsloth_3b.yaml --backend unsloth --set data=...  (GPU, docs/gpu.md)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.layout import CAPTIONS_FILE, CHECKPOINT, MANIFEST_FILE, RL_FILE, SFT_FILE, TRAIN_LOG, TRAINER_STATE
+from steerkit.progress import progress_callback
 from steerkit.runs import DEFAULT_RUNS_ROOT, ResultLog, Run, new_run_id, open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
 
@@ -423,7 +425,7 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**args), train_dataset=train, eval_dataset=evals,
         processing_class=processing_class, peft_config=peft_config, data_collator=data_collator,
-        callbacks=[train_log_callback(run_dir / TRAIN_LOG), *(callbacks or [])],
+        callbacks=[train_log_callback(run_dir / TRAIN_LOG), progress_callback(run_dir, "SFT"), *(callbacks or [])],
     )
     info = {
         "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision, "data_file": str(data_file),
@@ -656,6 +658,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", required=True, help="a recipe YAML (configs/sft_*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a recipe field (VALUE is read as YAML)")
+    parser.add_argument("--backend", choices=["hf", "unsloth", "auto"], default=None,
+                        help="override the recipe's backend; unsloth needs an NVIDIA GPU, Unsloth's environment"
+                             " and a LoRA recipe (configs/sft_unsloth_3b.yaml)")
     ns = parser.parse_args(argv)
     overrides = {}
     for item in ns.set:
@@ -663,8 +668,19 @@ def main(argv: list[str] | None = None) -> Path:
         if not sep:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
         overrides[key] = yaml.safe_load(value)
+    if ns.backend:
+        overrides["backend"] = ns.backend
+    recipe = SFTRecipe.from_yaml(ns.config, **overrides)
+    if recipe.backend == "unsloth":  # refuse before a run directory is made
+        from steerkit.models import unsloth_missing, unsloth_unavailable_message
+
+        if recipe.finetune != "lora":
+            parser.error(f"{ns.config}: field finetune: {recipe.finetune!r}: backend unsloth trains LoRA adapters"
+                         " only; use a LoRA recipe (configs/sft_unsloth_3b.yaml) or --backend hf")
+        if missing := unsloth_missing():
+            parser.exit(2, f"{parser.prog}: error: {unsloth_unavailable_message(missing)}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_dir = run_sft(SFTRecipe.from_yaml(ns.config, **overrides))
+    run_dir = run_sft(recipe)
     log.info("run directory: %s", run_dir)
     return run_dir
 

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny Qwen2.5-VL (model, tokenizer, processor) built in code and saved; reload it from here."""
-    from steerkit.models import build_tiny_vlm
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
 
@@ -38,7 +38,7 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct, re-materialised once into the git-ignored cache."""
-    from steerkit.models import smollm2_path
+    from steerkit.smollm2 import smollm2_path
 
     return smollm2_path()
 

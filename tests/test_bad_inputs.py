@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -31,6 +32,7 @@ CORPUS = Path(__file__).parent / "bad_inputs"
         ("verdict_off_scale.jsonl", Verdict, r"verdict_off_scale\.jsonl:1: .*scores\.helpfulness: 7 is off the 0\.\.3 scale"),
         ("verdict_nan.jsonl", Verdict, r"verdict_nan\.jsonl:1: field scores\.helpfulness"),
         ("corrupt.parquet", Dialogue, r"corrupt\.parquet: not a readable Parquet file"),
+        ("deeply_nested.jsonl", Dialogue, r"deeply_nested\.jsonl:1: JSON nested too deeply"),
     ],
 )
 def test_corpus_file_fails_clearly(name: str, cls: type, expect: str) -> None:
@@ -83,3 +85,98 @@ def test_images_corrupt_bomb_huge_missing(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="image file not found"):
         load_image(tmp_path / "none.png")
     assert load_image(big).size == (256, 256)
+
+
+# ---- the published STEER-Bench format (tests/bad_inputs/steer_published/) ------------------------
+
+PUBLISHED = CORPUS / "steer_published"
+
+
+@pytest.mark.parametrize(
+    ("name", "expect"),
+    [
+        ("escaping_image.jsonl", r":2: field image: image path '\.\./.*' escapes the data root"),
+        ("escaping_image.parquet", r":1: field image: image path '\.\./.*' escapes the data root"),
+        ("absolute_image.jsonl", r":1: field image: image path '/etc/hostname' escapes"),
+        ("missing_image.jsonl", r":1: field image: image file not found"),
+        ("undecodable_image.jsonl", r":1: field image: cannot decode image .*not_an_image\.png"),
+        ("image_not_a_string.jsonl", r":2: field image: expected a relative image path or an embedded image"),
+        ("messages_fixed_a_string.jsonl", r":1: field messages_fixed: expected a non-empty list of user turns, got str"),
+        ("messages_fixed_missing.jsonl", r":1: field messages_fixed: expected a non-empty list"),
+        ("messages_fixed_empty.jsonl", r":1: field messages_fixed: expected a non-empty list"),
+        ("turn_not_text.jsonl", r":1: field messages_fixed\[1\]: expected a string or a \{role, content\} object, got int"),
+        ("turn_object_without_content.jsonl", r":1: field messages_fixed\[1\]\.content: expected a string"),
+        ("assistant_turn.jsonl", r":1: field messages_fixed\[1\]\.role: expected 'user'"),
+        ("blank_turn.jsonl", r":1: field messages_fixed\[1\]: the turn is blank"),
+        ("risk_length_mismatch.jsonl", r":2: field risk_trajectory: 3 values for 2 turns"),
+        ("risk_not_numbers.jsonl", r":1: field risk_trajectory\[0\]: expected a number, got str"),
+        ("risk_booleans.jsonl", r":1: field risk_trajectory\[0\]: expected a number, got bool"),
+        ("risk_nan.jsonl", r":1: field risk_trajectory\[1\]: nan is not a finite number"),
+        ("risk_not_a_list.jsonl", r":1: field risk_trajectory: expected a list of numbers, got int"),
+        ("question_id_missing.jsonl", r":2: field question_id: missing"),
+        ("question_id_not_text.jsonl", r":1: field question_id: expected a non-empty string, got dict"),
+        ("question_id_empty.jsonl", r":1: field question_id: expected a non-empty string"),
+        ("category_not_text.jsonl", r":1: field category: expected a string, got list"),
+        ("not_an_object.jsonl", r":2: expected a JSON object, got list"),
+        ("invalid_json_after_extra_field.jsonl", r":2: invalid JSON"),
+        ("non_utf8_after_extra_field.jsonl", r":2: not UTF-8"),
+        ("too_deep.jsonl", r":2: invalid JSON \(nested too deeply\)"),
+    ],
+)
+def test_published_corpus_file_fails_clearly(name: str, expect: str) -> None:
+    """Each file once ended in AttributeError, TypeError, RecursionError, UnicodeDecodeError,
+    DatasetGenerationError, or loaded (escaping and missing images, inconsistent records)."""
+    from steerkit.synth.splits import load_steer_bench
+
+    with pytest.raises(RecordError, match=re.escape(name) + expect):
+        load_steer_bench(PUBLISHED / name)
+
+
+def test_published_good_file_and_folder_load(tmp_path: Path) -> None:
+    from steerkit.synth.splits import load_steer_bench
+
+    items = load_steer_bench(PUBLISHED / "good.jsonl")
+    assert [it.question_id for it in items] == ["q1", "q2"]
+    assert items[0].image == "images/cup.png" and items[0].messages_fixed[0].images == ["images/cup.png"]
+    assert items[0].messages_fixed[1].images == [] and items[0].risk_trajectory == [1.0, 4.0]
+    # A data-set folder is read from its split's files by the same strict reader.
+    folder = tmp_path / "steer"
+    (folder / "data" / "images").mkdir(parents=True)
+    (folder / "data" / "test.jsonl").write_text((PUBLISHED / "good.jsonl").read_text())
+    with pytest.raises(RecordError, match=r"data/test\.jsonl:1: field image: image file not found"):
+        load_steer_bench(folder, split="test")  # refs are relative to the folder, not to data/
+    (folder / "images").mkdir()
+    (folder / "images" / "cup.png").write_bytes((PUBLISHED / "images" / "cup.png").read_bytes())
+    assert load_steer_bench(folder, split="test") == items
+    with pytest.raises(RecordError, match=r"no files for split 'train'"):
+        load_steer_bench(folder, split="train")
+
+
+def test_published_hub_name_offline_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steerkit.synth.seed_files import HubUnavailable
+    from steerkit.synth.splits import load_steer_bench
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(HubUnavailable, match=r"'no-such-org/steer-bench' .* the hub is switched off"):
+        load_steer_bench("no-such-org/steer-bench", split="test")
+
+
+def test_published_parquet_with_embedded_images(tmp_path: Path) -> None:
+    """A `datasets` Image column in Parquet holds {bytes, path}: saved into image_dir, or refused clearly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steerkit.synth.splits import load_steer_bench
+
+    png = (PUBLISHED / "images" / "cup.png").read_bytes()
+    rows = [{"question_id": "a/1", "messages_fixed": ["What is this?"], "image": {"bytes": png, "path": None}},
+            {"question_id": "a/2", "messages_fixed": ["And this?"], "image": {"bytes": b"junk", "path": None}}]
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "ok.parquet")
+    with pytest.raises(RecordError, match=r"ok\.parquet:1: field image: an embedded image needs image_dir"):
+        load_steer_bench(tmp_path / "ok.parquet")
+    (item,) = load_steer_bench(tmp_path / "ok.parquet", image_dir=tmp_path / "images")
+    assert item.image.startswith("images/a_1-") and Image.open(tmp_path / item.image).size == (4, 4)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(RecordError, match=r"bad\.parquet:2: field image: cannot decode the embedded image"):
+        load_steer_bench(tmp_path / "bad.parquet", image_dir=tmp_path / "images")

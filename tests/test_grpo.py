@@ -307,7 +307,7 @@ def test_served_llm_tutor_drives_a_full_rollout(tiny, rl_set, loopback_server):
 
     def tutor_model(request):
         prompt = request.messages[-1].content
-        assert "<<<STUDENT_ANSWER" in prompt  # the served model sees the fenced answer
+        assert "<<<STUDENT ANSWER " in prompt  # the served model sees the fenced answer
         last = "(none: this is the last turn" in prompt
         return json.dumps({
             "diagnosis": "plain refusal", "scores": {"safety": 8, "usefulness": 8, "faithfulness": 7},

@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 
 from steerkit.backends.rules import RulesBackend
+from steerkit.backends.rules_judge import rules_judge
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient, Reply
-from steerkit.judge import (
-    RiskInfo,
-    judge_dialogue_requests,
-    judge_dialogues,
-    json_objects,
-    parse_verdict,
-    rules_judge,
-    verdict_from_reply,
-)
+from steerkit.judge import RiskInfo, judge_dialogue_requests, judge_dialogues
 from steerkit.prompts import load_prompt
 from steerkit.schema import Dialogue, Message
+from steerkit.verdicts import json_objects, parse_verdict, verdict_from_reply
 
 GOLDEN = Path(__file__).parent / "golden" / "judge"
 CASES = sorted(p.name.removesuffix(".reply.txt") for p in GOLDEN.glob("*.reply.txt"))
@@ -184,7 +178,7 @@ def test_not_a_judge_rubric() -> None:
     with pytest.raises(ValueError, match="not a judge rubric"):
         judge_dialogue_requests(dialogue(("q", "a")), prompt="student_system@1")
     with pytest.raises(ValueError, match="not a judge rubric"):
-        judge_dialogue_requests(dialogue(("q", "a")), prompt="tutor@1")
+        judge_dialogue_requests(dialogue(("q", "a")), prompt="tutor@2")
 
 
 # ---- the rules judge --------------------------------------------------------------------------

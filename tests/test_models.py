@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steerkit import models
+from steerkit import models, smollm2, tiny_vlm
 
 
 def _image(tmp_path: Path, name: str = "red.png", color=(220, 20, 20), size=(80, 60)) -> Path:
@@ -28,7 +28,7 @@ def _image(tmp_path: Path, name: str = "red.png", color=(220, 20, 20), size=(80,
 def test_tiny_vlm_saves_a_full_checkpoint_with_trls_qwen_template(tiny_vlm_dir: Path) -> None:
     names = {p.name for p in tiny_vlm_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"} <= names
-    trl_template = (models.package_dir("trl") / "chat_templates" / "qwen2_5_vl.jinja").read_text()
+    trl_template = (smollm2.package_dir("trl") / "chat_templates" / "qwen2_5_vl.jinja").read_text()
     # TRL swaps in its training template only when it recognises this exact text
     assert (tiny_vlm_dir / "chat_template.jinja").read_text() == trl_template
     # saved under the base name, so a machine with torchvision loads the full processor
@@ -40,11 +40,11 @@ def test_tiny_vlm_saves_a_full_checkpoint_with_trls_qwen_template(tiny_vlm_dir: 
 
 def test_tiny_vlm_is_deterministic(tiny_vlm_dir: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
-    again = models.build_tiny_vlm(tmp_path / "again")
+    again = tiny_vlm.build_tiny_vlm(tmp_path / "again")
     assert time.perf_counter() - start < 30  # about 0.3 s once transformers is imported, on an idle machine
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (again / name).read_bytes() == (tiny_vlm_dir / name).read_bytes(), name
-    other = models.build_tiny_vlm(tmp_path / "other", seed=1)
+    other = tiny_vlm.build_tiny_vlm(tmp_path / "other", seed=1)
     assert (other / "model.safetensors").read_bytes() != (tiny_vlm_dir / "model.safetensors").read_bytes()
 
 
@@ -191,35 +191,35 @@ def test_materialisation_is_atomic_and_runs_once(tmp_path: Path, monkeypatch: py
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # a run killed half way
 
-    monkeypatch.setattr(models, "_materialise_smollm2", killed)
+    monkeypatch.setattr(smollm2, "_materialise_smollm2", killed)
     with pytest.raises(KeyboardInterrupt):
-        models.smollm2_path()
+        smollm2.smollm2_path()
     parent = tmp_path / "models"
-    assert not (parent / models.SMOLLM2_DIRNAME).exists()
+    assert not (parent / smollm2.SMOLLM2_DIRNAME).exists()
     assert not list(parent.glob(".*-tmp-*")), "the temporary folder was not cleaned up"
 
     def slow_writer(out: Path) -> None:
         calls.append(1)
         time.sleep(0.2)
         (out / "model.safetensors").write_bytes(b"weights")
-        (out / "steerkit.json").write_text(json.dumps({"format": models.SMOLLM2_FORMAT}))
+        (out / "steerkit.json").write_text(json.dumps({"format": smollm2.SMOLLM2_FORMAT}))
 
-    monkeypatch.setattr(models, "_materialise_smollm2", slow_writer)
+    monkeypatch.setattr(smollm2, "_materialise_smollm2", slow_writer)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(models.smollm2_path())) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(smollm2.smollm2_path())) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert calls == [1]
-    assert results == [parent / models.SMOLLM2_DIRNAME] * 3
+    assert results == [parent / smollm2.SMOLLM2_DIRNAME] * 3
     assert (results[0] / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_cache_dir_defaults_to_the_git_ignored_repo_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STEERKIT_CACHE", raising=False)
-    repo = Path(models.__file__).resolve().parents[1]
-    assert models.cache_dir() == repo / ".cache" / "steerkit"
+    repo = Path(smollm2.__file__).resolve().parents[1]
+    assert smollm2.cache_dir() == repo / ".cache" / "steerkit"
     assert ".cache/" in (repo / ".gitignore").read_text().splitlines()
 
 
@@ -230,12 +230,12 @@ def test_smollm2_is_a_plain_checkpoint_with_a_training_template(smollm2_dir: Pat
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    assert models.smollm2_path() == smollm2_dir
+    assert smollm2.smollm2_path() == smollm2_dir
     assert time.perf_counter() - start < 5  # materialised once, then found (milliseconds)
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert tok.chat_template == models.SMOLLM2_TRAINING_TEMPLATE
+    assert tok.chat_template == smollm2.SMOLLM2_TRAINING_TEMPLATE
     conv = [
         {"role": "user", "content": "How do I bake bread?"},
         {"role": "assistant", "content": "Mix flour, water, yeast."},
@@ -246,7 +246,7 @@ def test_smollm2_is_a_plain_checkpoint_with_a_training_template(smollm2_dir: Pat
         for gen in (False, True):
             trained = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             original = tok.apply_chat_template(
-                messages, chat_template=models.SMOLLM2_TEMPLATE, tokenize=False, add_generation_prompt=gen
+                messages, chat_template=smollm2.SMOLLM2_TEMPLATE, tokenize=False, add_generation_prompt=gen
             )
             assert trained == original  # byte-identical
     enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)

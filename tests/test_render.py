@@ -94,5 +94,6 @@ def test_missing_or_escaping_image_is_a_note(tmp_path):
     assert "not available" in dialogue_html(dialogue(["bad.png"]), root=tmp_path)
 
 
-def test_repr_html_uses_the_renderer():
-    assert dialogue()._repr_html_() == dialogue_html(dialogue())
+def test_records_do_not_render_themselves():
+    # the renderer sits above the records it draws (one-way layers): display with dialogue_html
+    assert not hasattr(dialogue(), "_repr_html_")

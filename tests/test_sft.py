@@ -379,31 +379,6 @@ def smoke(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
-def test_gpu_smoke_script_parses_and_reports_ratios(tmp_path: Path) -> None:
-    proc = smoke("--help")
-    assert proc.returncode == 0 and "dry-run" in proc.stdout
-    for name, row in {
-        "sft_hf": {"kind": "sft", "step_s": 2.0, "peak_gib": 40.0, "per_device_batch": 4},
-        "sft_unsloth": {"kind": "sft", "step_s": 1.0, "peak_gib": 20.0, "per_device_batch": 4},
-        "generate_hf": {"kind": "generate", "tokens_per_s": 1000.0, "batch": 64, "new_tokens": 256},
-    }.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps(row))
-    proc = smoke("report", str(tmp_path))
-    assert "Unsloth vs HF SFT: 2.00x faster steps, 0.50x the peak memory" in proc.stdout
-    assert "vLLM vs HF generate: not measured (no vLLM result)" in proc.stdout
-
-
-@pytest.mark.slow
-def test_gpu_smoke_dry_run_on_cpu(tmp_path: Path) -> None:
-    """The script's HF steps on the tiny model on CPU: what a GPU box will run, minus the GPU."""
-    proc = smoke("dry-run", "--out", str(tmp_path), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sft = json.loads((tmp_path / "sft_hf.json").read_text())
-    gen = json.loads((tmp_path / "generate_hf.json").read_text())
-    assert sft["step_s"] > 0 and gen["tokens_per_s"] > 0 and gen["new_tokens"] == 8
-    assert "not measured (no Unsloth result)" in proc.stdout
-
-
 @pytest.mark.gpu
 def test_sft_on_gpu_uses_bf16_and_activation_checkpointing(tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     from steerkit.models import load_student
@@ -424,8 +399,8 @@ def test_unsloth_sft_step_on_gpu(tiny_vlm_dir: Path, tmp_path: Path) -> None:
 
     if importlib.util.find_spec("unsloth") is None:
         pytest.skip("Unsloth is not installed here (environment-unsloth.yml)")
-    out = tmp_path / "sft_unsloth.json"
-    proc = smoke("sft", "--model", str(tiny_vlm_dir), "--backend", "unsloth", "--steps", "1", "--per-device-batch", "2",
-                 "--image-side", "56", "--json", str(out), timeout=600)
+    proc = smoke("phase", "sft_unsloth", "--model", str(tiny_vlm_dir), "--work", str(tmp_path), "--tiny", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text())["step_s"] > 0
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("GPU_SMOKE "))
+    result = json.loads(line.removeprefix("GPU_SMOKE "))
+    assert result["status"] == "ok" and result["step_s"] > 0, result

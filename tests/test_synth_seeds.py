@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from steerkit.schema import RecordError
+from steerkit.synth import seed_files as sf
 from steerkit.synth import seeds as sd
 
 
@@ -45,58 +48,114 @@ def test_package_images_are_copied_as_png_with_licences(tmp_path):
         assert asset.license and asset.source.startswith("scikit-image")
 
 
-def test_bad_local_seeds_are_skipped_and_counted(tmp_path):
-    (tmp_path / "ok.png").write_bytes(b"")  # not an image
+def _png(path):
     from PIL import Image
 
-    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
-    lines = [
-        json.dumps({"id": "a", "text": "How do I bake bread?", "harmful": False}).encode(),
-        json.dumps({"id": "b", "text": "   ", "harmful": False}).encode(),  # blank text
-        json.dumps({"id": "a", "text": "duplicate", "harmful": False}).encode(),  # duplicate id
-        json.dumps({"id": "c", "text": "x", "harmful": True, "image": "missing.png"}).encode(),
-        json.dumps({"id": "d", "text": "x", "harmful": True, "image": "ok.png"}).encode(),  # unreadable
-        b'{"id": "e", "text": "caf\xe9", "harmful": true}',  # not UTF-8
-        b"{not json",
-        json.dumps({"id": "f", "text": "Describe it", "harmful": False, "image": "good.png",
-                    "category": "image", "license": "CC0"}).encode(),
-    ]
-    path = tmp_path / "seeds.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    skips = sd.SkipLog()
-    got = sd.load_local_seeds(path, skips=skips)
-    assert [s.id for s in got] == ["a", "f"]
-    assert got[1].image == "good.png" and got[1].license == "CC0"
-    reasons = skips.summary()["by_reason"]
-    assert reasons == {
-        "seeds: empty text": 1, "seeds: duplicate id": 1, "seeds: image file not found": 1,
-        "seeds: unreadable image (UnidentifiedImageError)": 1, "seeds: not UTF-8": 1, "seeds: invalid JSON": 1,
-    }
-    assert skips.total == 6 and skips.examples["seeds: not UTF-8"] == [f"{path}:6"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (0, 90, 200)).save(path)
+    return path
+
+
+def test_local_jsonl_seeds_load_and_their_images_move_into_the_run(tmp_path):
+    _png(tmp_path / "mine" / "photos" / "a.png")
+    path = tmp_path / "mine" / "seeds.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "m1", "text": "Describe it", "harmful": False, "image": "photos/a.png", "license": "CC0"},
+        {"prompt": "How would one pick this lock?", "harmful": "yes", "category": "crime"},
+    ]) + "\n\n")
+    got = sf.load_local_seeds(path, image_dir=tmp_path / "run" / "images")
+    assert [(s.id, s.harmful, s.source) for s in got] == [("m1", False, "seeds"), ("seeds-00002", True, "seeds")]
+    assert got[0].image.startswith("images/seeds-") and (tmp_path / "run" / got[0].image).is_file()
+    assert got[0].license == "CC0" and got[1].license == "unknown" and got[1].category == "crime"
+
+
+BAD_LINES = [
+    (b'{"id": "a", "text": "fine", "harmful": true}\n{"id": "b", "text": "  ", "harmful": true}',
+     r"seeds.jsonl:2: field text: missing or blank"),
+    (b'{"id": "a", "text": "fine", "harmful": true}\n{"id": "a", "text": "again", "harmful": true}',
+     r"seeds.jsonl:2: field id: 'a' repeats line 1"),
+    (b'{"id": "a", "text": "x", "harmful": true, "image": "missing.png"}', r"seeds.jsonl:1: field image: image file not found"),
+    (b'{"id": "a", "text": "x", "harmful": true, "image": "../../etc/passwd"}', r"seeds.jsonl:1: field image: .*escapes"),
+    (b'{"id": "a", "text": "x", "harmful": true, "image": "bad.png"}', r"seeds.jsonl:1: field image: unreadable image"),
+    (b'{"id": "a", "text": "fine", "harmful": true}\n{"id": "e", "text": "caf\xe9", "harmful": true}',
+     r"seeds.jsonl:2: not UTF-8"),
+    (b'\n{not json', r"seeds.jsonl:2: invalid JSON"),
+    (b'["a", "b"]', r"seeds.jsonl:1: expected a JSON object, got list"),
+    (b'{"id": "a", "text": "x"}', r"seeds.jsonl:1: field harmful: not given"),
+    (b'{"id": "a", "text": "x", "harmful": "maybe"}', r"seeds.jsonl:1: field harmful: expected true or false"),
+    (b'{"id": "a", "text": "x", "harmful": true, "speaker": "bob"}', r"seeds.jsonl:1: field speaker: unknown field"),
+    (b'{"id": "a", "text": "x", "prompt": "y", "harmful": true}', r"seeds.jsonl:1: field prompt: a seed has one text"),
+    (b'{"id": 7, "text": "x", "harmful": true}', r"seeds.jsonl:1: field id: expected a string, got int"),
+    (b'{"id": "a", "text": "x", "harmful": true, "image": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+     r"seeds.jsonl:1: invalid JSON \(nested too deeply\)"),
+]
+
+
+@pytest.mark.parametrize(("content", "expect"), BAD_LINES)
+def test_a_bad_seed_line_names_file_line_and_field(tmp_path, content, expect):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "seeds.jsonl").write_bytes(content + b"\n")
+    with pytest.raises(RecordError, match=expect):
+        sf.load_local_seeds(tmp_path / "seeds.jsonl")
 
 
 def test_local_csv_seeds(tmp_path):
     path = tmp_path / "mine.csv"
-    path.write_bytes(b"id,prompt,harmful,category\nx1,Tell me a joke,false,fun\nx2,,false,fun\n"
-                     b"x3,Caf\xe9,true,bad\n")
-    skips = sd.SkipLog()
-    got = sd.load_local_seeds(path, skips=skips, license="CC-BY-4.0")
-    assert [(s.id, s.text, s.harmful, s.license) for s in got] == [("x1", "Tell me a joke", False, "CC-BY-4.0")]
-    assert skips.total == 2
+    path.write_bytes(b'id,prompt,harmful,category\nx1,"Tell me a joke,\nplease",false,fun\n\nx2,Hi,true,bad\n')
+    got = sf.load_local_seeds(path, license="CC-BY-4.0")
+    assert [(s.id, s.text, s.harmful, s.license) for s in got] == [
+        ("x1", "Tell me a joke,\nplease", False, "CC-BY-4.0"), ("x2", "Hi", True, "CC-BY-4.0")]
+    path.write_bytes(b"id,prompt,harmful\nx1,Tell me a joke,false\nx2,,false\n")
+    with pytest.raises(RecordError, match=r"mine.csv:3: field prompt: missing or blank"):
+        sf.load_local_seeds(path)
+    path.write_bytes(b"id,prompt,harmful\nx1,Tell me a joke,false,extra\n")
+    with pytest.raises(RecordError, match=r"mine.csv:2: 4 columns, the header has 3"):
+        sf.load_local_seeds(path)
+    path.write_bytes(b"id,prompt,harmful\nx1,Caf\xe9,false\n")
+    with pytest.raises(RecordError, match=r"mine.csv:2: not UTF-8"):
+        sf.load_local_seeds(path)
 
 
-def test_hub_seeds_from_a_local_dataset_folder(tmp_path):
+def test_hub_spec_strings():
+    assert sf.parse_hub_spec("hub:org/set:test:question?harmful=false&category=topic&config=en") == {
+        "name": "org/set", "split": "test", "text_field": "question", "harmful": False,
+        "license": "unknown (see the data set's card)", "category_field": "topic", "config": "en"}
+    for bad, why in (("hub:org/set:train", "write hub:<dataset>:<split>:<text column>"),
+                     ("org/set:train:text", "write hub:"),
+                     ("hub:org/set:train:text?harmful=perhaps", "harmful='perhaps'"),
+                     ("hub:org/set:train:text?colour=red", "unknown option 'colour'")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            sf.parse_hub_spec(bad)
+
+
+def test_hub_seeds_load_from_a_local_dataset_folder_and_file(tmp_path):
     folder = tmp_path / "my_prompts"
     folder.mkdir()
     rows = [{"prompt": "Plan a picnic", "topic": "leisure"}, {"prompt": "", "topic": "x"},
             {"prompt": "Sort a list in Python", "topic": "coding"}]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     skips = sd.SkipLog()
-    got = sd.load_hub_seeds(str(folder), split="train", harmful=False, license="CC0", text_field="prompt",
-                            category_field="topic", skips=skips)
-    assert [(s.text, s.category, s.source) for s in got] == [
-        ("Plan a picnic", "leisure", "my_prompts"), ("Sort a list in Python", "coding", "my_prompts")]
-    assert skips.total == 1
+    spec = sf.parse_hub_spec(f"hub:{folder}:train:prompt?harmful=false&license=CC0&category=topic")
+    got = sf.load_hub_seeds(**spec, skips=skips)
+    assert [(s.text, s.category, s.source, s.license, s.harmful) for s in got] == [
+        ("Plan a picnic", "leisure", "my_prompts", "CC0", False),
+        ("Sort a list in Python", "coding", "my_prompts", "CC0", False)]
+    assert skips.summary()["by_reason"] == {"my_prompts: empty text": 1}  # a hub row cannot be fixed
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "prompts.parquet")
+    got = sf.load_seed_sets([], [f"hub:{tmp_path / 'prompts.parquet'}:train:prompt?limit=1"],
+                            image_dir=tmp_path / "images", skips=sd.SkipLog())
+    assert [(s.id, s.text, s.harmful) for s in got] == [("prompts-00000", "Plan a picnic", True)]
+    with pytest.raises(sf.HubUnavailable, match=r"has no text column 'text'; its columns are prompt, topic"):
+        sf.load_hub_seeds(str(folder), split="train", harmful=True, license="x")
+
+
+def test_hub_seeds_offline_fail_saying_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(sf.HubUnavailable, match=r"'no-such-org/red-prompts' \(split 'train'\) cannot be"
+                                                 r" loaded: the hub is switched off \(HF_HUB_OFFLINE"):
+        sf.load_seed_sets([], ["hub:no-such-org/red-prompts:train:prompt"], image_dir=None, skips=sd.SkipLog())
 
 
 def test_sampling_and_image_attachment_are_stable():

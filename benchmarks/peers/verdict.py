@@ -1,7 +1,7 @@
 """The peers' verdict check: the last JSON object of a judge reply holds both judge@1 scores on scale.
 
 A few lines instead of steerkit's parser (which the peers' virtualenv does not have): enough to count
-a reply as a usable verdict, as ``steerkit.judge.parse_verdict`` does for steerkit's run.
+a reply as a usable verdict, as ``steerkit.verdicts.parse_verdict`` does for steerkit's run.
 
 >>> verdict_ok('thinking {"helpfulness": 2, "harmlessness": 3}')
 True

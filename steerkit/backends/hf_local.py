@@ -92,7 +92,8 @@ class HFLocalBackend:
         **kwargs: Any,
     ) -> HFLocalBackend:
         """Load a checkpoint folder (or ``"smollm2"``) with transformers and serve it."""
-        from steerkit.models import SMOLLM2, load_student
+        from steerkit.models import load_student
+        from steerkit.smollm2 import SMOLLM2
 
         model, processor = load_student(path, backend="hf", dtype=dtype, device=device)
         if name is None:
@@ -104,7 +105,7 @@ class HFLocalBackend:
     @classmethod
     def smollm2(cls, **kwargs: Any) -> HFLocalBackend:
         """The embedded SmolLM2-135M-Instruct (materialised on first use)."""
-        from steerkit.models import SMOLLM2
+        from steerkit.smollm2 import SMOLLM2
 
         return cls.from_pretrained(SMOLLM2, **kwargs)
 

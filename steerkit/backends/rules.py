@@ -9,8 +9,10 @@ cannot do is said where it lives:
   (template-driven strategies over the seed; no understanding of the request);
 - red user and blue expert: `steerkit.synth.bootstrap` (template turns; a fixed safe-answer policy);
 - attack judge (M4): `steerkit.synth.redteam`;
-- judge and evaluator: `steerkit.judge` (refusal, format and harm-cue rules from `steerkit.heuristics`);
-- tutor: `steerkit.tutor` (the SPEC 4 rubric applied to the same rules).
+- judge and evaluator: `steerkit.backends.rules_judge` (refusal, format and harm-cue rules from
+  `steerkit.heuristics`);
+- tutor: `steerkit.backends.rules_tutor` (the tutor rubric of docs/method.md section 4 applied to
+  the same rules).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ def rules_reply(request: Request) -> str:
 
             return rules_attack_judge(request)
         case "judge" | "evaluator":
-            from steerkit.judge import rules_judge
+            from steerkit.backends.rules_judge import rules_judge
 
             return rules_judge(request)
         case "tutor":
-            from steerkit.tutor import rules_tutor
+            from steerkit.backends.rules_tutor import rules_tutor
 
             return rules_tutor(request)
         case _:

@@ -10,12 +10,11 @@ Sources (all offline):
 - benign objectives from ``pyrit`` (garak's normal instructions, MIT) and templated benign tasks with
   reference answers (arithmetic, reading, coding, image description), our own;
 - scikit-image's bundled photographs (public domain / CC0), copied into the run's ``images/`` as PNG;
-- local JSONL/CSV files and hub data sets (``datasets.load_dataset``; a local folder works offline).
+- the researcher's own JSONL/CSV files and hub data sets: `steerkit.synth.seed_files`.
 
 Package folders are found with ``importlib.util.find_spec(name).submodule_search_locations`` so the
-packages are never imported. Bad seeds (blank text, missing or unreadable image, duplicate id, a line
-that is not UTF-8 or not JSON) are skipped and counted in a `SkipLog` with the reason; loading never
-crashes on one bad record. A seed as one JSONL line::
+packages are never imported. A bad seed in a packaged set (blank text, duplicate id) is skipped and
+counted in a `SkipLog` with the reason: its user cannot fix the package. A seed as one JSONL line::
 
     {"id": "strongreject-0007", "text": "How can I ...", "image": "images/coffee.png", "harmful": true,
      "source": "strongreject", "category": "Violence", "license": "MIT", "reference": null, "meta": {}}
@@ -26,8 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import io
-import json
 import logging
 import random
 from collections import Counter
@@ -283,117 +280,6 @@ def image_readable(path: Path) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         return f"unreadable image ({type(exc).__name__})"
     return None
-
-
-# ---- local files and hub data sets ---------------------------------------------------------------
-
-
-def _record_seed(out: list[Seed], seen: set[str], skips: SkipLog, rec: dict[str, Any], *, where: str,
-                 source: str, harmful: bool | None, license: str, root: Path, n: int) -> None:
-    text = str(rec.get("text") or rec.get("prompt") or rec.get("query") or "").strip()
-    image = rec.get("image") or None
-    if image:
-        why = image_readable(root / image)
-        if why:
-            skips.skip(source, why, where)
-            return
-    h = rec.get("harmful", harmful)
-    if isinstance(h, str):
-        h = h.strip().lower() in {"1", "true", "yes"}
-    if h is None:
-        skips.skip(source, "harmful: not given (set it per record or pass harmful=)", where)
-        return
-    _add(out, seen, skips, where, id=str(rec.get("id") or f"{source}-{n:05d}"), text=text, image=image,
-         harmful=bool(h), source=str(rec.get("source") or source),
-         category=str(rec.get("category") or "uncategorised"), license=str(rec.get("license") or license),
-         reference=rec.get("reference") or None)
-
-
-def load_local_seeds(path: str | Path, *, source: str | None = None, harmful: bool | None = None,
-                     license: str = "unknown", skips: SkipLog | None = None) -> list[Seed]:
-    """Seeds from a JSONL or CSV file (fields: id, text|prompt|query, image, harmful, category,
-    license, reference). Image paths are relative to the file's folder. Bad lines are counted."""
-    path = Path(path)
-    skips = skips if skips is not None else SkipLog()
-    source = source or path.stem
-    out: list[Seed] = []
-    seen: set[str] = set()
-    raw_lines = path.read_bytes().splitlines()
-    if path.suffix.lower() == ".csv":
-        header: list[str] | None = None
-        for lineno, raw in enumerate(raw_lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skips.skip(source, "not UTF-8", f"{path}:{lineno}")
-                continue
-            if not line.strip():
-                continue
-            row = next(csv.reader(io.StringIO(line)))
-            if header is None:
-                header = [h.strip() for h in row]
-                continue
-            _record_seed(out, seen, skips, dict(zip(header, row, strict=False)), where=f"{path}:{lineno}",
-                         source=source, harmful=harmful, license=license, root=path.parent, n=lineno)
-        return out
-    for lineno, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            skips.skip(source, "not UTF-8", where)
-            continue
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            skips.skip(source, "invalid JSON", where)
-            continue
-        if not isinstance(rec, dict):
-            skips.skip(source, "not a JSON object", where)
-            continue
-        _record_seed(out, seen, skips, rec, where=where, source=source, harmful=harmful, license=license,
-                     root=path.parent, n=lineno)
-    return out
-
-
-def load_hub_seeds(name: str, *, split: str = "train", harmful: bool, license: str,
-                   text_field: str = "text", category_field: str | None = None,
-                   image_field: str | None = None, config: str | None = None, limit: int | None = None,
-                   image_dir: Path | None = None, skips: SkipLog | None = None) -> list[Seed]:
-    """Seeds from `datasets.load_dataset(name, config, split=split)`: a hub name or a local folder.
-
-    PIL images in ``image_field`` are saved into ``image_dir`` (refs ``<image_dir.name>/<id>.png``).
-    """
-    import datasets
-
-    skips = skips if skips is not None else SkipLog()
-    ds = datasets.load_dataset(name, config, split=split)
-    source = Path(name).name if Path(name).exists() else name
-    out: list[Seed] = []
-    seen: set[str] = set()
-    for i, row in enumerate(ds):
-        if limit is not None and len(out) >= limit:
-            break
-        where = f"{name}[{split}][{i}]"
-        sid = f"{source}-{i:05d}"
-        image = None
-        if image_field and row.get(image_field) is not None:
-            if image_dir is None:
-                raise ValueError("load_hub_seeds: image_field needs image_dir to save the images into")
-            try:
-                image_dir.mkdir(parents=True, exist_ok=True)
-                row[image_field].convert("RGB").save(image_dir / f"{sid}.png", format="PNG")
-                image = f"{image_dir.name}/{sid}.png"
-            except (AttributeError, OSError) as exc:
-                skips.skip(source, f"unreadable image ({type(exc).__name__})", where)
-                continue
-        _add(out, seen, skips, where, id=sid, text=str(row.get(text_field) or "").strip(), image=image,
-             harmful=harmful, source=source,
-             category=str(row.get(category_field) or "uncategorised") if category_field else "uncategorised",
-             license=license, meta={"hub": name, "split": split})
-    return out
 
 
 # ---- selection ---------------------------------------------------------------------------------

@@ -37,12 +37,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from steerkit.layout import BENCH_FILE, CAPTIONS_FILE, RL_FILE, SFT_FILE
-from steerkit.schema import BenchItem, Dialogue, Message, RecordError, Script, read_jsonl
+from steerkit.schema import BenchItem, Dialogue, Message, Script
 from steerkit.synth.seeds import stable_order
+from steerkit.synth.steer_bench import load_steer_bench  # noqa: F401  (the published format's reader)
 
 log = logging.getLogger(__name__)
 
@@ -142,54 +142,6 @@ def bench_item(s: Script) -> BenchItem:
     return BenchItem(question_id=s.id, messages_fixed=msgs, image=image, category=s.category,
                      source_category=bench_subset(s.kind, s.meta.get("source"), image is not None),
                      risk_trajectory=[float(r) for r in s.risk_curve])
-
-
-def load_steer_bench(source: str | Path, *, split: str = "test", image_dir: Path | None = None) -> list[BenchItem]:
-    """STEER-Bench items from the official files, by their published field names (SPEC 5).
-
-    ``source`` is a local JSONL file (read strictly: errors name file, line and field), or a hub
-    name / local data-set folder for `datasets.load_dataset`. ``messages_fixed`` may hold plain
-    strings or {role, content} objects; fields beyond the published ones are ignored (and logged).
-    """
-    path = Path(source)
-    if path.is_file() and path.suffix == ".jsonl":
-        try:
-            return list(read_jsonl(BenchItem, path))
-        except RecordError as exc:
-            if "unknown field" not in str(exc) and "field messages_fixed." not in str(exc):
-                raise
-            log.info("%s: extra fields or plain-string turns; reading it leniently (%s)", path, exc)
-    import datasets
-
-    ds = (datasets.load_dataset("json", data_files=str(path), split="train") if path.is_file()
-          else datasets.load_dataset(str(source), split=split))
-    out, extra = [], Counter()
-    for i, row in enumerate(ds):
-        where = f"{source}:{i + 1}" if path.is_file() else f"{source}[{split}][{i}]"
-        image = row.get("image")
-        if image is not None and not isinstance(image, str):
-            if image_dir is None:
-                raise ValueError(f"{where}: field image: an embedded image needs image_dir to be saved into")
-            image_dir.mkdir(parents=True, exist_ok=True)
-            image.convert("RGB").save(image_dir / f"{row['question_id']}.png", format="PNG")
-            image = f"{image_dir.name}/{row['question_id']}.png"
-        turns = []
-        for j, m in enumerate(row.get("messages_fixed") or []):
-            text = m if isinstance(m, str) else (m or {}).get("content")
-            if not isinstance(text, str):
-                raise RecordError(f"{where}: field messages_fixed.{j}: expected a string or {{role, content}}")
-            turns.append(Message(role="user", content=text, images=[image] if (j == 0 and image) else []))
-        extra.update(k for k in row if k not in BenchItem.model_fields)
-        try:
-            out.append(BenchItem(question_id=str(row["question_id"]), messages_fixed=turns, image=image,
-                                 category=str(row.get("category") or ""),
-                                 source_category=str(row.get("source_category") or ""),
-                                 risk_trajectory=[float(x) for x in row.get("risk_trajectory") or []]))
-        except (KeyError, ValueError) as exc:
-            raise RecordError(f"{where}: {exc}") from None
-    if extra:
-        log.info("%s: ignored fields %s", source, dict(extra))
-    return out
 
 
 def dataset_card(counts: dict[str, Any], *, run_id: str, provenance: dict[str, Any]) -> str:

@@ -21,14 +21,17 @@ data-set card, and the summary counts in the manifest (`steerkit.synth.splits` n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from steerkit import layout
+from steerkit.progress import Progress
 from steerkit.roles import Roles
 from steerkit.runs import Run, atomic_write_json, atomic_write_text
 from steerkit.schema import Dialogue, Script, Seed, write_jsonl
@@ -52,6 +55,7 @@ from steerkit.synth.redteam import (
     rewrite_intents,
     simulate,
 )
+from steerkit.synth.seed_files import load_seed_sets
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,10 @@ class SynthParams:
     n_obfuscated: int = 8
     n_redteam: int = 8
     harmful_sources: list[str] = field(default_factory=lambda: ["strongreject", "advbench"])
-    seed_files: list[str] = field(default_factory=list)  # extra local JSONL/CSV seed files
-    hub_seeds: list[dict[str, Any]] = field(default_factory=list)  # kwargs of seeds.load_hub_seeds each
+    # The researcher's own seeds (docs/data.md): JSONL/CSV files, read strictly, and hub sets as
+    # "hub:<dataset>:<split>:<text column>[?options]" (or load_hub_seeds arguments).
+    seed_files: list[str] = field(default_factory=list)
+    hub_seeds: list[str | dict[str, Any]] = field(default_factory=list)
     pyrit_benign: bool = True
     images: list[str] = field(default_factory=lambda: [a.name for a in sd.PACKAGE_IMAGES])
     image_share: float = 0.75  # share of seeds given a packaged image (our choice)
@@ -111,7 +117,7 @@ def reason_kind(reason: str) -> str:
 
 def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], dict[str, Any]]:
     """Seeds for each kind (disjoint), images attached; written once to seeds.jsonl and reused."""
-    path = run.file("seeds.jsonl")
+    path = run.file(layout.SEEDS_FILE)
     images = sd.copy_package_images(run.file("images"), p.images)
     image_info = {ref: {"name": a.name, "license": a.license, "source": a.source, "notes": a.description}
                   for a, ref in images.values()}
@@ -130,12 +136,8 @@ def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], 
             case _:
                 raise ValueError(f"harmful_sources: unknown source {name!r}; use strongreject, advbench")
     benign = sd.load_pyrit_benign(skips) if p.pyrit_benign else []
-    for f in p.seed_files:
-        for s in sd.load_local_seeds(f, skips=skips):
-            (harmful if s.harmful else benign).append(s)
-    for spec in p.hub_seeds:
-        for s in sd.load_hub_seeds(**spec, image_dir=run.file("images"), skips=skips):
-            (harmful if s.harmful else benign).append(s)
+    for s in load_seed_sets(p.seed_files, p.hub_seeds, image_dir=run.file("images"), skips=skips):
+        (harmful if s.harmful else benign).append(s)
     refs = [ref for _, ref in images.values()]
     benign_pool = sd.sample(benign, max(0, p.n_benign // 3), seed=p.seed)
     benign_pool += sd.templated_benign(p.n_benign - len(benign_pool), seed=p.seed,
@@ -147,7 +149,9 @@ def choose_seeds(run: Run, p: SynthParams) -> tuple[list[Seed], dict[str, Any], 
     ben = [s.model_copy(update={"meta": {**s.meta, "kind": "benign"}}) for s in benign_pool]
     chosen = sd.attach_images(obf + red, refs, share=p.image_share, seed=p.seed) + ben
     write_jsonl(chosen, path)
-    run.update_manifest(seed_skips=skips.summary())
+    # The researcher's seed files by content, so the manifest says exactly which data went in.
+    inputs = {str(Path(f).resolve()): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in p.seed_files}
+    run.update_manifest(seed_skips=skips.summary(), seed_file_sha256=inputs)
     return chosen, skips.summary(), image_info
 
 
@@ -191,8 +195,10 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     s1 = run.results("stage1.jsonl")
     done = s1.done_keys()
     gen = roles.client("generator")
+    todo1 = {kind: [s for s in by_kind[kind] if s.id not in done] for kind in by_kind}
+    progress = Progress(run.path, "Stage I scripts", total=sum(map(len, todo1.values())), unit="seeds")
     for kind in ("benign", "obfuscated", "redteam"):
-        for chunk in _chunks([s for s in by_kind[kind] if s.id not in done], p.chunk_size):
+        for chunk in _chunks(todo1[kind], p.chunk_size):
             match kind:
                 case "benign":
                     out = generate_benign(gen, chunk, turns=p.benign_turns, with_answers=p.with_answers,
@@ -208,6 +214,8 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
                 s1.append({"id": sc.seed_id, "status": "script", "kind": kind, "script": sc.model_dump()})
             for sk in out.skipped:
                 s1.append({**sk, "status": "skipped"})
+            progress.advance(len(chunk))
+    progress.close()
     stage1 = list(s1)
     scripts = [Script.model_validate(r["script"]) for r in stage1 if r["status"] == "script"]
 
@@ -216,6 +224,7 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     m4_done = m4.done_keys()
     red = [s for s in scripts if s.kind == "redteam" and s.id not in m4_done]
     judge_role = "generator"
+    progress = Progress(run.path, "M4 red-team checks", total=len(red), unit="scripts")
     for chunk in _chunks(red, p.chunk_size):
         from steerkit.clients import Sampling
 
@@ -226,6 +235,8 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
             m4.append({"id": s.id, "status": "kept", "script": s.model_dump(), "transcript": sim.transcripts[s.id]})
         for r in sim.rejected:
             m4.append({**r, "status": "rejected", "transcript": sim.transcripts[r["id"]]})
+        progress.advance(len(chunk))
+    progress.close()
     m4_recs = {r["id"]: r for r in m4}
     final_scripts = [s for s in scripts if s.kind != "redteam"] + [
         Script.model_validate(r["script"]) for r in m4_recs.values() if r["status"] == "kept"]
@@ -235,13 +246,17 @@ def synthesize(run: Run, roles: Roles, params: SynthParams | None = None) -> dic
     train, bench = sp.hold_out(unique, p.bench_share, seed=p.seed)
     s2 = run.results("stage2.jsonl")
     s2_done = s2.done_keys()
-    for chunk in _chunks([s for s in train if s.id not in s2_done], p.chunk_size):
+    todo2 = [s for s in train if s.id not in s2_done]
+    progress = Progress(run.path, "Stage II rollouts", total=len(todo2), unit="dialogues")
+    for chunk in _chunks(todo2, p.chunk_size):
         b = bootstrap(roles.client("red_user"), roles.client("blue_expert"), roles.client("evaluator"), chunk,
                       root=root, captions=captions, tau_safe=p.tau_safe, tau_help=p.tau_help)
         for d in b.kept:
             s2.append({"id": d.id, "status": "kept", "dialogue": d.model_dump()})
         for r in b.rejected:
             s2.append({**r, "status": "rejected"})
+        progress.advance(len(chunk))
+    progress.close()
     s2_recs = list(s2)
     kept = [Dialogue.model_validate(r["dialogue"]) for r in s2_recs if r["status"] == "kept"]
     sft, rl = sp.split_rl(kept, share=p.rl_share, min_turns=p.rl_min_turns, seed=p.seed)
