@@ -5,7 +5,7 @@
 OpenAI-compatible HTTP servers on loopback, laid out as the profile lays them out (generator, user
 agents and tutor on one, evaluator and judge on the other), answering the project's own prompts
 from the messages alone and, at seeded rates, with malformed, truncated or refused replies
-(`steerkit.rehearsal`). The student is a tiny Qwen2.5-VL-shaped checkpoint in a folder, named by
+(`steerkit.rehearsal`, `steerkit.backends.readback`). The student is a tiny Qwen2.5-VL-shaped checkpoint in a folder, named by
 path where the profile names ``/models/Qwen2.5-VL-3B-Instruct``: SFT fine-tunes all of it by
 epochs, GRPO keeps the profile's B prompts x K generations over several turns, and notebook 04
 evaluates every checkpoint with the served judge.
@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from steerkit import pipeline as pl
-from steerkit.rehearsal import SERVED_PROMPTS, RehearsalServers
+from steerkit.backends.readback import SERVED_PROMPTS
+from steerkit.rehearsal import RehearsalServers
 
 PROFILE_STUDENT = "/models/Qwen2.5-VL-3B-Instruct"
 #: Reply flaws a real model sends now and then; transport faults the client must retry.

@@ -41,7 +41,7 @@ LAYERS: dict[str, int] = {
     "distributed": 4, "grpo_cli": 4,
     # 5 top: read-back, display, orchestration
     "frames": 5, "plots": 5, "render": 5, "inspector": 5, "pipeline": 5, "notebooks": 5, "cli": 5,
-    "serve": 5, "calibration": 5, "harm_calibration": 5, "agreement": 5,
+    "serve": 5, "rehearsal": 5, "calibration": 5, "harm_calibration": 5, "agreement": 5,
 }
 
 #: Upward imports that remain, each with the reason: the offline ``rules`` stand-ins for the red

@@ -1,4 +1,4 @@
-"""`steerkit.rehearsal`: each served prompt is recognised from its rendered messages alone, its
+"""`steerkit.backends.readback` and `steerkit.rehearsal`: each served prompt is recognised from its rendered messages alone, its
 inputs are read back, and the served reply is what the rules heuristics answer from all the
 fields."""
 
@@ -9,19 +9,19 @@ import json
 
 import pytest
 
-from steerkit.backends.rules import rules_reply
-from steerkit.clients import Request
-from steerkit.judge import RiskInfo, turn_fields, turn_request
-from steerkit.prompts import load_prompt
-from steerkit.rehearsal import (
+from steerkit.backends.readback import (
     FLAWS,
     SERVED_PROMPTS,
     RehearsalBackend,
     flawed,
     read_fields,
     recognise,
-    served_endpoints,
 )
+from steerkit.backends.rules import rules_reply
+from steerkit.clients import Request
+from steerkit.judge import RiskInfo, turn_fields, turn_request
+from steerkit.prompts import load_prompt
+from steerkit.rehearsal import served_endpoints
 from steerkit.schema import Message
 from steerkit.tutor import tutor_request
 
