@@ -67,6 +67,8 @@ class RehearsalServers:
         recipe: a loaded recipe (`steerkit.pipeline.load_recipe`).
         seed: seeds the flaws and the server's faults.
         flaws: reply flaws and their rates (see `RehearsalBackend`).
+        per_endpoint: recipe URL -> options for that endpoint's server alone (e.g. ``refuse``,
+            to serve the grader as a model that rejects ``max_tokens``).
         server_options: passed to every `LoopbackServer` (``faults``, ``retry_after``, ...).
     """
 
@@ -76,6 +78,7 @@ class RehearsalServers:
         *,
         seed: int = 0,
         flaws: Mapping[str, float] | None = None,
+        per_endpoint: Mapping[str, Mapping[str, Any]] | None = None,
         **server_options: Any,
     ) -> None:
         self.recipe = recipe
@@ -83,6 +86,9 @@ class RehearsalServers:
         if not self.endpoints:
             raise ValueError("the recipe names no openai:<model>@<url> role to serve")
         self.seed, self.flaws, self.options = seed, dict(flaws or {}), server_options
+        self.per_endpoint = {k: dict(v) for k, v in (per_endpoint or {}).items()}
+        if stray := sorted(set(self.per_endpoint) - set(self.endpoints)):
+            raise ValueError(f"per_endpoint: {', '.join(stray)} is no endpoint of the recipe")
         self.servers: dict[str, Any] = {}
 
     def start(self) -> Self:
@@ -92,7 +98,10 @@ class RehearsalServers:
             for i, (url, model) in enumerate(self.endpoints.items()):
                 backend = RehearsalBackend(model, seed=self.seed + i, flaws=self.flaws)
                 self.servers[url] = LoopbackServer(
-                    backend, model=model, seed=self.seed + i, **self.options
+                    backend,
+                    model=model,
+                    seed=self.seed + i,
+                    **{**self.options, **self.per_endpoint.get(url, {})},
                 ).start()
         except BaseException:
             self.stop()

@@ -52,7 +52,7 @@ SIZES = [
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from steerkit.cli import main
-    from steerkit.models import build_tiny_vlm
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     student = build_tiny_vlm(tmp_path_factory.mktemp("Qwen2.5-VL-3B-Instruct"))
     runs = tmp_path_factory.mktemp("papermill_runs")
