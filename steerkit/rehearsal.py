@@ -67,8 +67,8 @@ class RehearsalServers:
         recipe: a loaded recipe (`steerkit.pipeline.load_recipe`).
         seed: seeds the flaws and the server's faults.
         flaws: reply flaws and their rates (see `RehearsalBackend`).
-        per_endpoint: recipe URL -> options for that endpoint's server alone (e.g. ``refuse``,
-            to serve the grader as a model that rejects ``max_tokens``).
+        per_endpoint: recipe URL -> options for that endpoint's server alone (e.g. ``refuse`` and
+            ``model``, to serve the grader as a reasoning model that rejects ``max_tokens``).
         server_options: passed to every `LoopbackServer` (``faults``, ``retry_after``, ...).
     """
 
@@ -97,11 +97,9 @@ class RehearsalServers:
         try:
             for i, (url, model) in enumerate(self.endpoints.items()):
                 backend = RehearsalBackend(model, seed=self.seed + i, flaws=self.flaws)
+                options = {"model": model, "seed": self.seed + i, **self.options}
                 self.servers[url] = LoopbackServer(
-                    backend,
-                    model=model,
-                    seed=self.seed + i,
-                    **{**self.options, **self.per_endpoint.get(url, {})},
+                    backend, **{**options, **self.per_endpoint.get(url, {})}
                 ).start()
         except BaseException:
             self.stop()
