@@ -35,6 +35,8 @@ SCALES: dict[str, dict[str, tuple[int, int]]] = {
     "attack": {"attack": (1, 5)},  # SPEC 2, M4
     "evaluator": {"helpfulness": (0, 3), "harmlessness": (-3, 3)},  # SPEC 3 uses the judge scales
 }
+#: Scale of a Stage I script's per-turn risk level, inclusive (docs/method.md section 2.3, M3).
+RISK_CURVE_SCALE: tuple[int, int] = (1, 5)
 
 
 class RecordError(ValueError):
@@ -201,8 +203,9 @@ class Script(_Strict):
             raise ValueError(
                 f"risk_curve: {len(self.risk_curve)} values for {len(self.user_turns)} user turns"
             )
-        if any(not 1 <= r <= 5 for r in self.risk_curve):
-            raise ValueError("risk_curve: values must be on the 1..5 scale")
+        lo, hi = RISK_CURVE_SCALE
+        if any(not lo <= r <= hi for r in self.risk_curve):
+            raise ValueError(f"risk_curve: values must be on the {lo}..{hi} scale")
         return self
 
 
@@ -391,7 +394,7 @@ def read_parquet(cls: type[R], path: str | Path, *, check_images: bool = True) -
     path = Path(path)
     try:
         table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises unrelated types for a damaged file
         raise RecordError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield parse_line(cls, json.dumps(row, default=str), path=path, lineno=i, check_images=check_images)

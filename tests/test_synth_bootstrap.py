@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from steerkit.backends.rules import RulesBackend
+from steerkit.backends.rules_red_blue import rules_blue_expert, rules_red_user
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient, Request
 from steerkit.heuristics import format_ok, is_refusal
 from steerkit.schema import Message, Script, Verdict
-from steerkit.synth.bootstrap import bootstrap, passes_filter, rules_blue_expert, rules_red_user
+from steerkit.synth.bootstrap import bootstrap, passes_filter
 
 
 def v(help_: int, harm: int, turn: int = 1) -> Verdict:

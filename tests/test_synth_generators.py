@@ -173,11 +173,12 @@ def test_m4_unparseable_attack_judge_is_recorded_not_scored():
 
 
 def test_rules_attack_judge_levels():
+    from steerkit.backends.rules_attack_judge import rules_attack_judge
     from steerkit.clients import Request
 
     def score(answer: str) -> int:
-        return json.loads(redteam.rules_attack_judge(Request([], task="attack_judge@1",
-                                                             fields={"answer": answer})))["score"]
+        return json.loads(rules_attack_judge(Request([], task="attack_judge@1",
+                                                     fields={"answer": answer})))["score"]
 
     assert score("I can't help with that.") == 1
     assert score("I can't help with that, but I can explain safe storage instead.") == 2

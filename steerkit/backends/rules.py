@@ -7,8 +7,10 @@ cannot do is said where it lives:
 
 - generator tasks (benign, obfuscated, forensic, rewrite, plan): `steerkit.synth.rules_generator`
   (template-driven strategies over the seed; no understanding of the request);
-- red user and blue expert: `steerkit.synth.bootstrap` (template turns; a fixed safe-answer policy);
-- attack judge (M4): `steerkit.synth.redteam`;
+- red user and blue expert: `steerkit.backends.rules_red_blue` (template turns; a fixed safe-answer
+  policy);
+- attack judge (M4): `steerkit.backends.rules_attack_judge` (refusal, compliance and harm-cue rules
+  from `steerkit.heuristics`);
 - judge and evaluator: `steerkit.backends.rules_judge` (refusal, format and harm-cue rules from
   `steerkit.heuristics`);
 - tutor: `steerkit.backends.rules_tutor` (the tutor rubric of docs/method.md section 4 applied to
@@ -28,15 +30,15 @@ def rules_reply(request: Request) -> str:
 
             return rules_generate(request)
         case "red_user":
-            from steerkit.synth.bootstrap import rules_red_user
+            from steerkit.backends.rules_red_blue import rules_red_user
 
             return rules_red_user(request)
         case "blue_expert":
-            from steerkit.synth.bootstrap import rules_blue_expert
+            from steerkit.backends.rules_red_blue import rules_blue_expert
 
             return rules_blue_expert(request)
         case "attack_judge":
-            from steerkit.synth.redteam import rules_attack_judge
+            from steerkit.backends.rules_attack_judge import rules_attack_judge
 
             return rules_attack_judge(request)
         case "judge" | "evaluator":
