@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,8 @@ from typing import Any
 from steerkit.clients import Reply, Request
 from steerkit.prompts import load_prompt
 from steerkit.schema import Message
+
+log = logging.getLogger(__name__)
 
 #: The prompts served roles are asked with (the student's own prompt is answered in process).
 SERVED_PROMPTS = (
@@ -343,19 +346,20 @@ class RehearsalBackend:
             )
         try:
             fields = read_fields(name, request.messages)
-        except Unreadable:
-            self.counts["unreadable"] += 1
-            return Reply(text=REFUSAL, model=self.model)
-        self.counts[name] += 1
-        text = rules_reply(
-            Request(
+            rebuilt = Request(
                 list(request.messages),
                 sampling=request.sampling,
                 sample_index=arrival,
                 task=name,
                 fields=fields,
             )
-        )
+            text = rules_reply(rebuilt)
+        except (Unreadable, KeyError, ValueError, TypeError):
+            # counted, so a rehearsal can require none; the reply is what a model declining sends
+            log.warning("rehearsal: cannot read back a %s request", name, exc_info=True)
+            self.counts["unreadable"] += 1
+            return Reply(text=REFUSAL, model=self.model)
+        self.counts[name] += 1
         u = _unit(self.seed, digest, arrival)
         edge = 0.0
         for flaw, rate in self.flaws.items():
