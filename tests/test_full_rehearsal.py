@@ -99,6 +99,14 @@ def _failure(r: dict[str, Any]) -> str:
     return json.dumps(failed, indent=1)
 
 
+def _run_dir(r: dict[str, Any], key: str) -> Path:
+    """A stage's run directory, or a failure naming the stage that stopped the pipeline."""
+    record = r["manifest"].get("stages", {}).get(key, {})
+    if record.get("status") != "finished":
+        pytest.fail(f"stage {key} did not finish; the pipeline stopped at {_failure(r)}")
+    return Path(record["run_dir"])
+
+
 @pytest.mark.slow
 def test_the_full_profile_runs_end_to_end(rehearsal: dict[str, Any]) -> None:
     assert rehearsal["rc"] == 0, _failure(rehearsal)
@@ -125,6 +133,7 @@ def test_only_sizes_paths_and_urls_were_changed(rehearsal: dict[str, Any]) -> No
 def test_served_roles_sit_where_the_profile_puts_them(rehearsal: dict[str, Any]) -> None:
     """Generator, user agents and tutor on one server; evaluator and judge on the other; every
     prompt recognised and read back; flawed replies and transport faults met and survived."""
+    _run_dir(rehearsal, "04")
     counts = rehearsal["counts"]
     assert set(counts) == {"http://localhost:8000/v1", "http://localhost:8001/v1"}
     roles_8000 = set(counts["http://localhost:8000/v1"]["prompts"])
@@ -143,7 +152,7 @@ def test_served_roles_sit_where_the_profile_puts_them(rehearsal: dict[str, Any])
 
 @pytest.mark.slow
 def test_sft_trained_the_whole_student_by_epochs(rehearsal: dict[str, Any]) -> None:
-    run = Path(rehearsal["manifest"]["stages"]["02"]["run_dir"])
+    run = _run_dir(rehearsal, "02")
     m = json.loads((run / "manifest.json").read_text())
     assert m["parameters"]["finetune"] == "full" and m["parameters"]["max_steps"] == -1
     assert m["summary"]["global_step"] >= 2
@@ -155,7 +164,7 @@ def test_sft_trained_the_whole_student_by_epochs(rehearsal: dict[str, Any]) -> N
 def test_grpo_kept_the_profiles_structure(rehearsal: dict[str, Any], key: str) -> None:
     from steerkit.frames import grpo_frames
 
-    run = Path(rehearsal["manifest"]["stages"][key]["run_dir"])
+    run = _run_dir(rehearsal, key)
     m = json.loads((run / "manifest.json").read_text())
     assert m["parameters"]["lora"] is False and m["parameters"]["max_turns"] == 10
     _, turns = grpo_frames({key: run})
@@ -168,7 +177,7 @@ def test_grpo_kept_the_profiles_structure(rehearsal: dict[str, Any], key: str) -
 def test_04_evaluated_every_checkpoint_with_the_served_judge(rehearsal: dict[str, Any]) -> None:
     from steerkit import frames
 
-    run = Path(rehearsal["manifest"]["stages"]["04"]["run_dir"])
+    run = _run_dir(rehearsal, "04")
     evals = frames.evaluations(run)
     assert {e.label for e in evals} == {"base", "SFT", "GRPO-tcsr", "GRPO-mean"}
     judge = f"openai:Qwen/Qwen3-VL-30B-A3B-Instruct@{rehearsal['urls']['http://localhost:8001/v1']}"
@@ -225,7 +234,8 @@ def reasoning_judge(
             ]
         )
         stats = served.servers[grader].stats()
-    manifest = json.loads((runs / "nano" / "pipeline.json").read_text())
+    path = runs / "nano" / "pipeline.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
     return {"rc": rc, "manifest": manifest, "stats": stats}
 
 
@@ -235,7 +245,7 @@ def test_a_judge_that_rejects_max_tokens_scores_every_turn(reasoning_judge: dict
 
     r = reasoning_judge
     assert r["rc"] == 0, _failure(r)
-    turns = frames.turns_df(frames.evaluations(Path(r["manifest"]["stages"]["04"]["run_dir"])))
+    turns = frames.turns_df(frames.evaluations(_run_dir(r, "04")))
     assert len(turns) and turns.scored.all(), turns.unscored_reason.value_counts()
     fields = r["stats"]["body_fields"]
     assert "unsupported" not in r["stats"]["outcomes"], r["stats"]
