@@ -137,6 +137,51 @@ def summarise(dialogues: Iterable[Dialogue], *, kind: str = "judge") -> dict[str
     }
 
 
+def turn_metrics(dialogues: Iterable[Dialogue], *, kind: str = "judge") -> list[dict[str, float]]:
+    """Per turn index (1..T): the mean of each judge score over the scored turns there, and the
+    number of turns the judge left unscored (``<kind>/unscored_turns``)."""
+    scored: dict[int, list[dict[str, int]]] = {}
+    unscored: Counter[int] = Counter()
+    for d in dialogues:
+        for t in d.turns():
+            vs = [v for v in t.verdicts if v.kind == kind]
+            if vs and vs[-1].scored:
+                scored.setdefault(t.index, []).append(vs[-1].scores)
+            else:
+                unscored[t.index] += 1
+    out = []
+    for n in range(1, max([*scored, *unscored], default=0) + 1):
+        rows = scored.get(n, [])
+        means = {f"{kind}/{name}": sum(r[name] for r in rows) / len(rows) for name in sorted({*rows[0]})} if rows else {}
+        out.append({"turn": float(n), **means, f"{kind}/unscored_turns": float(unscored[n])})
+    return out
+
+
+def report_evaluation(run: Run, *, report_to: str | None, kind: str = "judge",
+                      dialogues: Sequence[Dialogue] | None = None) -> dict[str, Any]:
+    """Send an evaluation's per-turn judge scores and counts to wandb (`steerkit.tracking`: offline
+    without a key, never in CI) and record the choice in the manifest as ``tracking``.
+
+    ``dialogues`` defaults to the run's own ``dialogues.jsonl`` (what `evaluate` wrote).
+    """
+    from steerkit.tracking import resolve_report_to, wandb_run
+
+    if dialogues is None:
+        by_id = {str(r["id"]): r for r in run.results(DIALOGUES_FILE)}  # a redone item's later record wins
+        dialogues = [Dialogue.model_validate(r) for r in by_id.values()]
+    tracking = resolve_report_to(report_to)
+    tracking.apply()
+    run.update_manifest(tracking=tracking.manifest())
+    with wandb_run(tracking.report_to, run.path, config=run.manifest.get("parameters", {}),
+                   group="evaluation") as w:
+        if w is not None:
+            for row in turn_metrics(dialogues, kind=kind):
+                w.log(row, step=int(row["turn"]))
+            counts = summarise(dialogues, kind=kind)
+            w.summary.update({k: v for k, v in counts.items() if not isinstance(v, dict)})
+    return tracking.manifest()
+
+
 async def _play_and_judge(
     states: list[DialogueState],
     *,

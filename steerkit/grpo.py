@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.clients import ChatClient
-from steerkit.layout import CHECKPOINT, MAX_TURNS, METRICS_FILE, TRAIN_LOG, TRAJECTORIES_FILE
+
+# re-exported: the run's settings and the method's defaults live in steerkit.grpo_config
+from steerkit.grpo_config import BETA, LEARNING_RATE, NUM_GENERATIONS, GRPORunConfig, batching_of  # noqa: F401
+from steerkit.layout import CHECKPOINT, METRICS_FILE, REPLY_CACHE, TRAIN_LOG, TRAJECTORIES_FILE
 from steerkit.progress import progress_callback
 from steerkit.rewards import (
     PAPER_WEIGHTS,
@@ -44,11 +47,6 @@ from steerkit.tutor import TUTOR_PROMPT
 log = logging.getLogger(__name__)
 
 STAGE = "03_grpo_tutor_tcsr"
-NUM_GENERATIONS = 5  # method.md 4: K = 5 trajectories per sample
-LEARNING_RATE = 1e-5  # method.md 4: lr 1e-5 (paper and published scripts)
-#: KL coefficient. The paper's text says 0.1; the published scripts that produced the tables use
-#: 0.001 as a low-variance (k3) KL loss, which is what TRL's beta implements. Default: the scripts.
-BETA = 0.001
 
 
 # ---- TRL adapter ----------------------------------------------------------------------------------
@@ -240,82 +238,6 @@ def rollout_metrics(trajs: Sequence[Trajectory], *, reward: TrajectoryReward | N
 
 
 @dataclass
-class GRPORunConfig:
-    """A Stage III run; every field is recorded in the run manifest.
-
-    Attributes:
-        student: a checkpoint folder or "smollm2" (the base model when ``init_checkpoint`` is empty).
-        init_checkpoint: start from this (SFT) checkpoint instead; the paper's warm start (method.md 4
-            ablation "without the SFT warm start": leave it empty).
-        tutor: the tutor's role spec ("rules", "openai:<model>@<url>", ...).
-        rl_data: STEER-RL JSONL or a run directory with ``steer_rl.jsonl``; empty builds a small set
-            from packaged seeds (`seed_rl_dialogues`).
-        n_prompts: how many RL dialogues to use (0: all).
-        prompts_per_step: B, prompts per optimiser step (each rolled out K times).
-        num_generations: K (method.md 4: 5).
-        max_steps: optimiser steps.
-        learning_rate: method.md 4: 1e-5.
-        lr_scheduler: the learning-rate schedule (transformers' names); the paper does not give one, so
-            the default is TRL's own ("linear" decay to 0 over ``max_steps``).
-        beta: KL coefficient (see `BETA`).
-        alpha: TCSR weight of the worst turn (method.md 4: 0.3).
-        aggregator: tcsr | tcsr_paper | mean | min | last | soft_linear | harmonic.
-        turn_weights: "paper" (0.4/0.4/0.2) or "alt" (0.6/0.3/0.1).
-        authors_zero_final: score the final turn 0 as the authors' code did (replication only).
-        feedback: tutor-written next turns (False: static next turns, the ablation).
-        scale_rewards: TRL's "group" divides advantages by the group std as the authors' runs did;
-            "none" keeps A = R - mean (the paper's formula).
-        loss_type: TRL's loss ("dapo" is TRL's default; "grpo" the original per-sequence mean).
-        max_turns: method.md 4: 10.
-        max_new_tokens: per turn.
-        temperature, top_p: sampling.
-        generation_dtype: sample from a copy in this dtype ("bfloat16"); None: the trained weights.
-        lora: train a LoRA adapter (q/k/v/o of the language model) instead of all weights (CPU).
-        lora_r: LoRA rank.
-        use_vllm: TRL's vLLM flag, passed through (GPU only; see the module docstring).
-        vllm_mode: "colocate" or "server".
-        save_steps: checkpoint every this many steps (0: only at the end).
-        seed: everything random.
-        with_images: give the seed-built RL set packaged photos (VLM students only).
-        run_id: the run directory's name ("" for a new timestamped one); runs_root: its root
-            ("" for the repository's papermill_runs/).
-    """
-
-    student: str = "smollm2"
-    init_checkpoint: str = ""
-    tutor: str = "rules"
-    rl_data: str = ""
-    n_prompts: int = 0
-    prompts_per_step: int = 2
-    num_generations: int = NUM_GENERATIONS
-    max_steps: int = 2
-    learning_rate: float = LEARNING_RATE
-    lr_scheduler: str = "linear"
-    beta: float = BETA
-    alpha: float = TCSR_ALPHA
-    aggregator: str = "tcsr"
-    turn_weights: str = "paper"
-    authors_zero_final: bool = False
-    feedback: bool = True
-    scale_rewards: str = "group"
-    loss_type: str = "dapo"
-    max_turns: int = MAX_TURNS
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_dtype: str | None = None
-    lora: bool = True
-    lora_r: int = 16
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    save_steps: int = 0
-    seed: int = 0
-    with_images: bool = False
-    run_id: str = ""
-    runs_root: str = ""
-
-
-@dataclass
 class GRPOResult:
     run_dir: Path
     checkpoint: Path
@@ -326,10 +248,21 @@ class GRPOResult:
 def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], *, tutor: ChatClient,
                  config: GRPORunConfig, output_dir: Path, run_dir: Path | None = None,
                  reward: TrajectoryReward | None = None) -> Any:
-    """A `TutorGRPOTrainer` wired to the tutor rollout and the TCSR (or ablation) reward."""
+    """A `TutorGRPOTrainer` wired to the tutor rollout and the TCSR (or ablation) reward.
+
+    The batch layout is checked first (`steerkit.grpo_batching.resolve_batching`, processes from
+    ``WORLD_SIZE``); the trainer carries it as ``trainer.batching`` and the tracker choice as
+    ``trainer.tracking``.
+    """
     import datasets
     from trl import GRPOConfig
 
+    from steerkit.grpo_resume import StepRollout, with_epoch_seeded_order
+    from steerkit.tracking import resolve_report_to
+
+    batching = batching_of(config)
+    tracking = resolve_report_to(config.report_to)
+    tracking.apply()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     reward = reward or TrajectoryReward(aggregator=config.aggregator, alpha=config.alpha,
                               weights=turn_weights(config.turn_weights), authors_zero_final=config.authors_zero_final)
@@ -338,9 +271,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
                          generation_dtype=config.generation_dtype)
     args = GRPOConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
-        gradient_accumulation_steps=1,
-        num_generations=config.num_generations,
+        **batching.trl_args(),
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -353,11 +284,13 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
         max_completion_length=config.max_turns * config.max_new_tokens,
         use_vllm=config.use_vllm,
         vllm_mode=config.vllm_mode,
-        gradient_checkpointing=False,  # on CPU it only costs time (STACK.md)
+        **{_CHECKPOINTING: config.gradient_checkpointing},  # TRL's default is on; on CPU it only costs time
         logging_steps=1,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
-        report_to="none",
+        save_total_limit=config.save_total_limit,
+        report_to=tracking.report_to,
+        run_name=Path(output_dir).parent.name,
         seed=config.seed,
         use_cpu=not _cuda(),
         bf16=_cuda(),
@@ -371,7 +304,7 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-    trainer_cls = _trainer_class()
+    trainer_cls = with_epoch_seeded_order(_trainer_class())
     guard = _nonfinite_grad_guard()
     trainer = trainer_cls(
         model=model, processing_class=processing_class, reward_funcs=[reward], args=args,
@@ -380,7 +313,14 @@ def make_trainer(model: Any, processing_class: Any, rows: list[dict[str, Any]], 
         callbacks=[guard, progress_callback(run_dir, "GRPO")],
     )
     trainer.skipped_nonfinite_steps = guard.skipped  # filled in during training
+    # sampling seeded per step, so a step redone after a resume asks the tutor what it asked before
+    trainer.rollout_func = StepRollout(trainer.rollout_func, seed=config.seed, reward=reward)
+    trainer.batching, trainer.tracking = batching, tracking
     return trainer
+
+
+#: transformers 5.2x renamed ``gradient_checkpointing``; the old name only warns (see steerkit.sft).
+_CHECKPOINTING = "activation_checkpointing"
 
 
 def _nonfinite_grad_guard() -> Any:
@@ -427,17 +367,28 @@ def resolve_init(path: str) -> str:
 def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -> GRPOResult:
     """Run Stage III into ``<runs_root>/03_grpo_tutor_tcsr/<run_id>/`` and return where things are.
 
-    The run directory holds ``manifest.json``, ``metrics.jsonl`` (per step), ``trajectories.jsonl``,
-    ``train_log.jsonl`` (TRL's loss, KL, grad norm per step) and ``checkpoint/`` (the trained model,
-    LoRA merged, with its processing class: loadable as ``hf:<run>/checkpoint``). A finished run with
-    the same id is returned as it is; an interrupted one is trained again from the start (its partial
-    logs are cleared): a GRPO step is not resumable mid-rollout.
+    The run directory holds ``manifest.json`` (with the batch layout), ``metrics.jsonl`` (per step),
+    ``trajectories.jsonl``, ``train_log.jsonl`` (TRL's loss, KL, clipped ratio, grad norm and the
+    tutor-side metrics per step), ``trainer/checkpoint-N`` every ``save_steps`` steps, the tutor's
+    reply cache ``cache/`` and ``checkpoint/`` (the trained model, LoRA merged, with its processing
+    class: loadable as ``hf:<run>/checkpoint``). A finished run with the same id is returned as it is;
+    an interrupted one continues from its last complete trainer checkpoint (`steerkit.grpo_resume`),
+    or from step 0 when it has none.
     """
     from steerkit.converse import STUDENT_SYSTEM
+    from steerkit.grpo_resume import (
+        checkpoint_step,
+        load_checkpoint_weights,
+        resume_point,
+        trim_logs,
+    )
     from steerkit.models import is_vision_model, load_student, resolve_model_path
     from steerkit.roles import Roles
     from steerkit.runs import open_run, read_records
+    from steerkit.sft import TRAINER_DIR, distributed_state, last_complete_checkpoint
+    from steerkit.tracking import wandb_run
 
+    batching_of(config)  # a batch layout that does not add up stops here, before any run directory
     student = resolve_init(config.init_checkpoint) if config.init_checkpoint else config.student
     run = open_run(
         STAGE, run_id=config.run_id or None, root=config.runs_root or None, parameters=asdict(config),
@@ -451,8 +402,11 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
         run.update_manifest(status="finished")
         return GRPOResult(run.path, run.path / CHECKPOINT, read_records(logs[METRICS_FILE]),
                           read_records(logs[TRAIN_LOG]))
-    for f in logs.values():
-        f.unlink(missing_ok=True)
+    state = distributed_state()
+    if state.is_main_process:  # one process tidies the run directory; the others wait and then read it
+        trim_logs(run.path, checkpoint_step(resume_point(run.path / TRAINER_DIR)))
+    state.wait_for_everyone()
+    resume = last_complete_checkpoint(run.path / TRAINER_DIR)
     import torch
 
     torch.manual_seed(config.seed)
@@ -467,13 +421,19 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     if config.n_prompts:
         records = records[: config.n_prompts]
     rows = rl_rows(records, root, vision=vision, captions=None if vision else load_captions(root, records))
-    model, processing_class = load_student(student)
-    tutor = tutor_client or Roles({"tutor": config.tutor}).client("tutor")
+    if resume is not None and not config.lora:  # a LoRA adapter resumes through the trainer
+        model, processing_class = load_checkpoint_weights(resume, str(resolve_model_path(student)))
+    else:
+        model, processing_class = load_student(student)
+    tutor = tutor_client or Roles({"tutor": config.tutor}, cache_dir=run.path / REPLY_CACHE).client("tutor")
     trainer = make_trainer(model, processing_class, rows, tutor=tutor, config=config,
-                           output_dir=run.path / "trainer", run_dir=run.path)
+                           output_dir=run.path / TRAINER_DIR, run_dir=run.path)
     trainer.add_callback(_jsonl_log_callback(logs[TRAIN_LOG]))
-    run.update_manifest(world_size=trainer.accelerator.num_processes)  # prompts_per_step is per process
-    trainer.train()
+    run.update_manifest(world_size=trainer.accelerator.num_processes,  # B counts every process's rows
+                        batching=trainer.batching.manifest(), tracking=trainer.tracking.manifest(),
+                        resumed_from=str(resume) if resume else None, resumed_at_step=checkpoint_step(resume))
+    with wandb_run(trainer.tracking.report_to, run.path, config=asdict(config), group=STAGE):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
     metrics, train_log = read_records(logs[METRICS_FILE]), read_records(logs[TRAIN_LOG])
     first, last = metrics[0], metrics[-1]
@@ -482,7 +442,7 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
                start_share_worst_turn_safe=first["share_worst_turn_safe"],
                end_share_worst_turn_safe=last["share_worst_turn_safe"],
                unscored=sum(m["unscored"] for m in metrics), steps=len(metrics),
-               skipped_nonfinite_steps=trainer.skipped_nonfinite_steps)
+               global_step=trainer.state.global_step, skipped_nonfinite_steps=trainer.skipped_nonfinite_steps)
     return GRPOResult(run.path, ckpt, metrics, train_log)
 
 

@@ -1,9 +1,9 @@
 """``python -m steerkit.grpo --config RUN.yaml [--set field=value ...]``: a Stage III run from the shell.
 
 The YAML holds `steerkit.grpo.GRPORunConfig` fields. The same command runs under ``accelerate launch``
-(DDP, FSDP2 or DeepSpeed ZeRO-3 from ``configs/accelerate/``; docs/multi_gpu.md): each process rolls
-out its own share of the prompts with its own tutor calls (``prompts_per_step`` is per process), the
-gradients are averaged, and only the main process writes the run directory.
+(DDP, FSDP2 or DeepSpeed ZeRO-3 from ``configs/accelerate/``; docs/multi_gpu.md): each process
+rolls out its own share of the prompts with its own tutor calls (``prompts_per_step`` counts all
+processes), the gradients are averaged, and only the main process writes the run directory.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ MAX_TURNS = 10  # a dialogue stops after 10 user turns (method.md 4: max_turns 1
 
 # Every run directory.
 MANIFEST_FILE = "manifest.json"  # parameters, roles, prompts, versions, seeds, summary
+REPLY_CACHE = "cache"  # content-addressed reply cache of a run's served roles (one JSONL per role)
 CHECKPOINT = "checkpoint"  # a training run's final model, loadable as hf:<run>/checkpoint
 TRAIN_LOG = "train_log.jsonl"  # the trainer's logged losses, one line per logging step
 PROGRESS_FILE = "progress.jsonl"  # where a running stage is (steerkit.progress), read by steerkit run

@@ -15,14 +15,21 @@ asked                        environment                            result
 ``"wandb"``                  no key                                 ``wandb``, offline
 ===========================  =====================================  ==========================
 
-wandb's offline mode writes a local run folder (``wandb sync`` uploads it later).
+wandb's offline mode writes a local run folder (``wandb sync`` uploads it later). `wandb_run` opens
+the wandb run of a run directory (GRPO, evaluation) inside it, under an id derived from it, so a
+resumed run continues the same wandb run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 #: Trackers the workbench knows how to resolve; others are an error rather than a silent no-op.
 TRACKERS = ("none", "wandb")
@@ -92,3 +99,30 @@ def resolve_report_to(asked: str | None, env: Mapping[str, str] | None = None) -
     if env.get("WANDB_API_KEY"):
         return Tracking("wandb", {"WANDB_MODE": mode or "online"}, reason="WANDB_API_KEY set")
     return Tracking("wandb", {"WANDB_MODE": "offline"}, reason="no WANDB_API_KEY: logging offline")
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A wandb run id for a run directory: its name, made safe, and a hash of its full path."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:48]}-{digest}"
+
+
+@contextlib.contextmanager
+def wandb_run(report_to: str, run_dir: Path, *, config: dict[str, Any], group: str) -> Iterator[Any]:
+    """The wandb run to report into (None when ``report_to`` is not "wandb"), finished on exit.
+
+    ``report_to`` is a resolved choice (`Tracking.report_to`). Files go to ``<run_dir>/wandb/``;
+    ``WANDB_PROJECT`` names the project ("steerkit" by default). A trainer's wandb callback reports
+    into this run when it is open.
+    """
+    if report_to != "wandb":
+        yield None
+        return
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steerkit"), dir=str(run_dir), name=run_dir.name,
+                     id=wandb_run_id(run_dir), resume="allow", group=group, config=config)
+    try:
+        yield run
+    finally:
+        run.finish()

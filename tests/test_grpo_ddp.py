@@ -71,7 +71,7 @@ def test_two_process_grpo_launch_shares_the_work_and_ends_with_equal_weights(tin
     k, turns, steps, procs = 2, 2, 2, 2
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"student: {tiny_vlm_dir}\ntutor: openai:{server.model}@{server.base_url}\n"
-                   f"rl_data: {rl_root}\nprompts_per_step: 1\nnum_generations: {k}\nmax_turns: {turns}\n"
+                   f"rl_data: {rl_root}\nprompts_per_step: {procs}\nnum_generations: {k}\nmax_turns: {turns}\n"
                    f"max_new_tokens: 6\nlora: false\nlearning_rate: 0.001\nruns_root: {tmp_path / 'runs'}\n")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO_ROOT / "configs/accelerate/ddp.yaml"), "--num_processes", str(procs), "--mixed_precision", "no",
@@ -95,7 +95,7 @@ def test_two_process_grpo_launch_shares_the_work_and_ends_with_equal_weights(tin
     assert len(lasts) == len(scripts)
     graded = Counter(next(i for t, i in lasts.items() if t in r.messages[-1].content) for r in tutor.calls)
     assert graded == dict.fromkeys(lasts.values(), k * turns)  # 2 steps x 2 processes x 1 prompt
-    for rank in range(procs):  # each process rolled out its own B x K = 2 rows per step
+    for rank in range(procs):  # each process rolled out its own B x K / procs = 2 rows per step
         rows = re.findall(rf"\[{rank}/{procs}\] steerkit\.grpo GRPO step \d+: (\{{.*\}})", proc.stderr)
         assert [json.loads(r)["n"] for r in rows] == [k] * steps, proc.stderr[-3000:]
 
