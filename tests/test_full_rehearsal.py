@@ -167,6 +167,10 @@ def test_grpo_kept_the_profiles_structure(rehearsal: dict[str, Any], key: str) -
     run = _run_dir(rehearsal, key)
     m = json.loads((run / "manifest.json").read_text())
     assert m["parameters"]["lora"] is False and m["parameters"]["max_turns"] == 10
+    # B x K rows a step in the profile's micro-batches of 2, the accumulation derived from them
+    b = m["batching"]
+    assert (b["prompts_per_step"], b["num_generations"], b["per_device_batch"]) == (2, 2, 2)
+    assert b["rows_per_step"] == 4 and b["gradient_accumulation"] == 2
     _, turns = grpo_frames({key: run})
     per_step = turns.drop_duplicates(["step", "row"]).groupby("step").size()
     assert (per_step == 2 * 2).all() and len(per_step) == 2  # B x K trajectories, max_steps steps
