@@ -18,6 +18,14 @@ A recipe (``configs/pipeline_<profile>.yaml``) holds values only::
 Precedence: notebook defaults < recipe ``stages[<notebook>]`` < ``stages[<stage>]`` < ``--set``.
 In recipe and ``--set`` strings, ``{repo}`` is the repository and ``{pipeline}`` the pipeline folder,
 so a recipe writes to the same places wherever the command is started.
+
+Served models are named once, in the recipe's ``endpoints`` (name -> role spec), and the stages'
+roles refer to them by name, so moving a server is one change (``--set endpoints.<name>=<spec>``)::
+
+    endpoints:
+      policy: openai:Qwen/Qwen3-VL-32B-Instruct@http://localhost:8000/v1
+    stages:
+      "03": {tutor: "{policy}"}
 """
 
 from __future__ import annotations
@@ -143,13 +151,22 @@ def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) 
     recipe: dict[str, Any] = {"profile": profile, "offline": False, "stages": {}, "recipe_files": []}
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist (profiles: smoke, full; or give a YAML path)")
+            raise FileNotFoundError(f"recipe {path} does not exist (profiles: smoke, full, full_7b; or give a YAML path)")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
             raise ValueError(f"{path}: a recipe is a mapping with an optional 'stages' mapping")
-        unknown = set(data) - {"offline", "stages", "description"}
+        unknown = set(data) - {"offline", "stages", "description", "endpoints"}
         if unknown:
-            raise ValueError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}; use offline, stages, description")
+            raise ValueError(
+                f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}; use offline, stages, endpoints, description"
+            )
+        endpoints = data.get("endpoints") or {}
+        if not isinstance(endpoints, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z_][0-9A-Za-z_]*", k) and isinstance(v, str)
+            for k, v in endpoints.items()
+        ):
+            raise ValueError(f"{path}: endpoints must map names (letters, digits, _) to role spec strings")
+        recipe.setdefault("endpoints", {}).update(endpoints)
         for key, params in (data.get("stages") or {}).items():
             if not isinstance(params, dict):
                 raise ValueError(f"{path}: stages.{key} must map parameter names to values")
@@ -198,8 +215,23 @@ class Pipeline:
             raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(s.key for s in self.stages)}")
         return [s for s in self.stages if s.key in wanted or s.notebook in wanted]
 
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The recipe's served models by name, with ``--set endpoints.<name>=<spec>`` applied."""
+        out = dict(self.recipe.get("endpoints", {}))
+        for text in self.sets:
+            scope, name, value = parse_assignment(text)
+            if scope == "endpoints":
+                if name not in out:
+                    raise ValueError(
+                        f"--set {text!r}: no endpoint {name!r}; the recipe's endpoints are {', '.join(sorted(out)) or 'none'}"
+                    )
+                out[name] = str(value)
+        return out
+
     def parameters(self, stage: Stage) -> dict[str, Any]:
-        """Recipe and ``--set`` values for one stage (without the run directories it reads)."""
+        """Recipe and ``--set`` values for one stage (without the run directories it reads), with
+        ``{<endpoint>}`` replaced by the endpoint's spec."""
         declared = notebook_parameters(notebook_path(stage.notebook, self.notebooks_dir))
         params: dict[str, Any] = {}
         for scope in dict.fromkeys((stage.notebook, stage.key)):  # notebook-wide first, then the stage's own
@@ -208,7 +240,7 @@ class Pipeline:
             scope, name, value = parse_assignment(text)
             if scope in (stage.key, stage.notebook) or (scope is None and name in declared):
                 params[name] = value
-        return params
+        return substitute(params, self.endpoints)
 
     def check(self, selected: Sequence[Stage]) -> None:
         """Fail before running anything: unknown recipe keys, unknown parameters, unknown --set scopes."""
@@ -218,8 +250,10 @@ class Pipeline:
             raise ValueError(f"recipe stages {', '.join(stray)} match no stage; stages are {', '.join(sorted(keys))}")
         for text in self.sets:
             scope, name, _ = parse_assignment(text)
-            if scope is not None and scope not in keys:
+            if scope is not None and scope not in keys and scope != "endpoints":
                 raise ValueError(f"--set {text!r}: no stage {scope!r}; stages are {', '.join(sorted(keys))}")
+            if scope == "endpoints":
+                continue
             if scope is None and not any(
                 name in notebook_parameters(notebook_path(s.notebook, self.notebooks_dir)) for s in self.stages
             ):
@@ -228,6 +262,12 @@ class Pipeline:
             source = notebook_path(stage.notebook, self.notebooks_dir)
             params = {**self.parameters(stage), **{k: "" for k in stage.inputs}, "runs_root": "", "run_id": ""}
             check_parameters(source, params)
+            left = set(re.findall(r"\{([A-Za-z_][0-9A-Za-z_]*)\}", json.dumps(params))) - {"repo", "pipeline"}
+            if left:
+                raise ValueError(
+                    f"stage {stage.key}: {{{'}, {'.join(sorted(left))}}} names no endpoint; the recipe's"
+                    f" endpoints are {', '.join(sorted(self.endpoints)) or 'none'}"
+                )
 
     def read_manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.exists():
@@ -253,6 +293,7 @@ class Pipeline:
                 "profile": self.recipe.get("profile"),
                 "recipe_files": self.recipe.get("recipe_files", []),
                 "offline": self.recipe.get("offline", False),
+                "endpoints": self.endpoints,
                 "created_at": now,
                 "git": git_revision(),
                 "stages": {},

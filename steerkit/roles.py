@@ -2,9 +2,13 @@
 
 Spec strings (plain primitives, so papermill parameters can carry them):
 
-- ``openai:<model>@<base_url>``  any OpenAI-compatible server, e.g.
+- ``openai:<model>@<base_url>[?<options>][#<KEY_ENV>]``  any OpenAI-compatible server, e.g.
   ``openai:Qwen/Qwen3-VL-32B-Instruct@http://gpu-box:8000/v1``; the key comes from ``$OPENAI_API_KEY``
-  (or the variable named by ``key_env=`` after a ``#``: ``openai:gpt-4.1@https://api.openai.com/v1#MY_KEY``)
+  (or the variable named after a ``#``: ``openai:gpt-4.1@https://api.openai.com/v1#MY_KEY``). Request
+  options (`steerkit.backends.openai_compat.RequestOptions`) follow a ``?`` as ``name=value`` pairs
+  joined by ``&``: ``max_tokens_field=max_completion_tokens``, ``omit=temperature,top_p`` and any
+  extra body field, e.g. for OpenAI's reasoning models
+  ``openai:gpt-5-nano@https://api.openai.com/v1?max_tokens_field=max_completion_tokens&omit=temperature,top_p&reasoning_effort=minimal``
 - ``hf:<path>``     an in-process transformers checkpoint (a run's ``checkpoint/`` folder)
 - ``smollm2``       the embedded SmolLM2-135M-Instruct student
 - ``rules``         offline heuristics (generator, user agents, tutor, judge, evaluator)
@@ -25,18 +29,30 @@ log = logging.getLogger(__name__)
 ROLES = ("generator", "red_user", "blue_expert", "evaluator", "target", "tutor", "judge", "student")
 
 
+def openai_backend(spec: str):  # -> OpenAICompatBackend
+    """The backend of an ``openai:<model>@<base_url>[?<options>][#<KEY_ENV>]`` spec."""
+    from steerkit.backends.openai_compat import OpenAICompatBackend, RequestOptions
+
+    target, _, key_env = spec.removeprefix("openai:").partition("#")
+    model, sep, address = target.rpartition("@")
+    base_url, _, query = address.partition("?")
+    if not sep or not model or not base_url:
+        raise ValueError(f"role spec {spec!r}: write openai:<model>@<base_url>")
+    try:
+        options = RequestOptions.parse(query)
+    except ValueError as exc:
+        raise ValueError(f"role spec {spec!r}: {exc}") from None
+    return OpenAICompatBackend(
+        model=model, base_url=base_url, api_key_env=key_env or "OPENAI_API_KEY", options=options
+    )
+
+
 def make_backend(spec: str) -> Backend:
     """The backend a spec string names (see the module docstring)."""
     kind, _, rest = spec.partition(":")
     match kind:
         case "openai":
-            target, _, key_env = rest.partition("#")
-            model, sep, base_url = target.rpartition("@")
-            if not sep or not model or not base_url:
-                raise ValueError(f"role spec {spec!r}: write openai:<model>@<base_url>")
-            from steerkit.backends.openai_compat import OpenAICompatBackend
-
-            return OpenAICompatBackend(model=model, base_url=base_url, api_key_env=key_env or "OPENAI_API_KEY")
+            return openai_backend(spec)
         case "hf":
             from steerkit.backends.hf_local import HFLocalBackend
 
@@ -105,5 +121,39 @@ class Roles:
         return {
             "bindings": dict(self.bindings),
             "same_model_tutor_judge": self.same_tutor_and_judge,
+            "request_options": {
+                r: openai_backend(spec).options.manifest()
+                for r, spec in self.bindings.items() if spec.startswith("openai:")
+            },
             "usage": {r: vars(c.usage) for r, c in self._clients.items()},
         }
+
+
+def served_roles(bindings: dict[str, str], *, timeout: float = 10.0) -> dict[str, dict[str, object]]:
+    """For each ``openai:`` role: model, URL, request options and the model ids its server lists.
+
+    Each server is asked once (``GET <base_url>/models``); one that does not answer is recorded with
+    the error, not raised: the run itself reports a server that stays down.
+    """
+    out: dict[str, dict[str, object]] = {}
+    listed: dict[str, list[str] | str] = {}
+    for role, spec in bindings.items():
+        if not isinstance(spec, str) or not spec.startswith("openai:"):
+            continue
+        backend = openai_backend(spec)
+        if backend.base_url not in listed:
+            try:
+                listed[backend.base_url] = backend.server_models(timeout)
+            except (OSError, ValueError) as exc:  # refused, timed out, HTTP error, not JSON
+                listed[backend.base_url] = f"GET {backend.base_url}/models: {type(exc).__name__}: {exc}"
+        ids = listed[backend.base_url]
+        record: dict[str, object] = {
+            "model": backend.model, "base_url": backend.base_url,
+            "request_options": backend.options.manifest(),
+        }
+        if isinstance(ids, str):
+            record["server_error"] = ids
+        else:
+            record.update(server_models=ids, model_listed=backend.model in ids)
+        out[role] = record
+    return out

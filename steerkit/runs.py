@@ -1,7 +1,9 @@
 """Run directories: manifests, atomic writes and resumable result streams.
 
 A run is ``papermill_runs/<stage>/<run_id>/`` holding ``manifest.json`` (parameters, roles, prompt
-versions, git commit and dirty flag, package versions, seeds), data files and logs. Results are
+versions with their content hashes, git commit and dirty flag, package versions, seeds, the SHA-256 of
+every input file, each served role's model as its server lists it and its request options, torch,
+CUDA, GPUs and driver; see `steerkit.provenance`), data files and logs. Results are
 appended one JSON line at a time and flushed, so a killed run resumes from what is on disk.
 
 A run directory has one writer: in a multi-process launch (``accelerate launch``, ``torchrun``) the
@@ -124,7 +126,11 @@ class Run:
         return self.path / name
 
     def update_manifest(self, **fields: Any) -> None:
-        """Merge fields into the manifest and rewrite it atomically."""
+        """Merge fields into the manifest and rewrite it atomically (prompt ids get their hashes)."""
+        if isinstance(fields.get("prompts"), dict):
+            from steerkit.provenance import prompt_digests
+
+            fields["prompt_sha256"] = prompt_digests(fields["prompts"].values())
         self.manifest.update(scrub_secrets(fields))
         if writes_run_files():
             atomic_write_json(self.path / MANIFEST_FILE, self.manifest)
@@ -171,6 +177,7 @@ def open_run(
             )
         manifest.setdefault("resumed_at", []).append(_dt.datetime.now(_dt.UTC).isoformat())
         manifest["status"] = "running"
+        manifest.update(provenance(params, roles, prompts, inputs))  # what this attempt runs with
     else:
         manifest = {
             "stage": stage,
@@ -183,14 +190,31 @@ def open_run(
             "seeds": seeds or {},
             "inputs": inputs or {},
             "git": git_revision(),
-            "packages": package_versions(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
+            **provenance(params, roles, prompts, inputs),
         }
     run = Run(path=path, manifest=manifest)
     if writes_run_files():
         atomic_write_json(mpath, scrub_secrets(manifest))
     return run
+
+
+def provenance(
+    parameters: dict[str, Any], roles: dict[str, str] | None, prompts: dict[str, str] | None,
+    inputs: dict[str, str] | None,
+) -> dict[str, Any]:
+    """Manifest fields that say what exactly ran (refreshed when a run resumes)."""
+    from steerkit.provenance import hardware, imported_packages, input_digests, prompt_digests
+    from steerkit.roles import served_roles
+
+    return {
+        "packages": {**package_versions(), **imported_packages()},
+        "hardware": hardware(),
+        "input_sha256": input_digests(inputs or {}, parameters),
+        "prompt_sha256": prompt_digests((prompts or {}).values()),
+        "served_roles": served_roles(roles or {}, timeout=5.0),
+    }
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

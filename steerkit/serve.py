@@ -16,6 +16,7 @@ From a shell (``--fault`` repeats; ``--backend`` takes a role spec)::
     python -m steerkit.serve --port 8000 --latency 0.05
     python -m steerkit.serve --backend smollm2 --fault http500=0.05 --fault http429=0.02
     python -m steerkit.serve --api-key-env STEERKIT_API_KEY    # require that key (never on argv)
+    python -m steerkit.serve --refuse max_tokens --refuse temperature   # as OpenAI's reasoning models
 
 Endpoints: ``POST /v1/chat/completions`` (non-streamed, ``n=1``), ``GET /v1/models``, ``GET /stats``
 (request counters by outcome, requests in flight and the most seen at once, images received).
@@ -39,6 +40,12 @@ in which concurrent requests land:
 - ``truncated``: status 200 promising the whole body, half of it sent, then the connection dropped;
 - ``disconnect``: the connection closed before any response;
 - ``blocked``: status 400 with error code ``content_filter`` (a policy refusal: not retried).
+
+``refuse`` makes the server answer as OpenAI's reasoning models (gpt-5-nano, o-series) do: 400
+``unsupported_parameter`` for a body with ``max_tokens`` ("Use 'max_completion_tokens' instead"),
+400 ``unsupported_value`` for ``temperature`` or ``top_p`` other than 1, each naming the field in
+the error's ``param``. `stats` counts the body fields received (``body_fields``), so a test can see
+that an extra field such as ``reasoning_effort`` arrived.
 
 The server binds loopback addresses only: its key check (``api_key``) is a test of the client, not
 protection, and it is not a production server.
@@ -72,6 +79,8 @@ from steerkit.schema import Message
 log = logging.getLogger(__name__)
 
 FAULTS = ("http500", "http429", "timeout", "malformed", "truncated", "disconnect", "blocked")
+#: Body fields a server can be told to refuse, as OpenAI's reasoning models refuse them.
+REFUSABLE = ("max_tokens", "temperature", "top_p")
 _EXT_BY_MIME = {
     "image/png": ".png",
     "image/jpeg": ".jpg",
@@ -147,6 +156,8 @@ class LoopbackServer:
             ``vllm serve --api-key`` does); lets tests check that a client sends its key.
         max_batch: for a ``batched`` backend (a local model), the most concurrent requests joined
             into one ``generate`` call; requests that arrive while a batch runs form the next one.
+        refuse: body fields answered with a 400 as OpenAI's reasoning models answer them (see
+            `REFUSABLE` and the module docstring).
     """
 
     def __init__(
@@ -164,6 +175,7 @@ class LoopbackServer:
         journal: bool = False,
         api_key: str | None = None,
         max_batch: int = 32,
+        refuse: tuple[str, ...] | list[str] = (),
     ) -> None:
         if backend is None:
             from steerkit.backends.scripted import named_double
@@ -192,6 +204,10 @@ class LoopbackServer:
         self._runner: web.AppRunner | None = None
         self._image_dir: Path | None = None
         self.max_batch = max_batch
+        if bad := sorted(set(refuse) - set(REFUSABLE)):
+            raise ValueError(f"refuse={', '.join(bad)}: the server can refuse {', '.join(REFUSABLE)}")
+        self.refuse = tuple(refuse)
+        self._fields: Counter[str] = Counter()
         self._queue: asyncio.Queue[tuple[Request, asyncio.Future[Reply]]] | None = None
         self._batcher: asyncio.Task[None] | None = None
 
@@ -305,6 +321,7 @@ class LoopbackServer:
             "in_flight": self._in_flight,
             "max_in_flight": self._max_in_flight,
             "images": self._images,
+            "body_fields": dict(self._fields),
         }
 
     async def _stats_endpoint(self, request: web.Request) -> web.Response:
@@ -361,6 +378,10 @@ class LoopbackServer:
                     return _error(
                         404, f"The model `{body.get('model')}` does not exist.", "model_not_found"
                     )
+                self._fields.update(body.keys())
+                if refused := self._refused(body):
+                    outcome = "unsupported"
+                    return refused
                 if body.get("stream") or (body.get("n") or 1) != 1:
                     raise BadRequest("this server answers non-streamed requests with n=1 only")
                 chat_request = self._to_request(body)
@@ -397,6 +418,21 @@ class LoopbackServer:
             self._outcomes[outcome] += 1
             if self._keep_journal:
                 self._journal.append((label, outcome))
+
+    def _refused(self, body: dict[str, Any]) -> web.Response | None:
+        """The 400 a reasoning model sends for the first refused field the body holds, else None."""
+        for name in self.refuse:
+            if name == "max_tokens" and name in body:
+                return _error(
+                    400, "Unsupported parameter: 'max_tokens' is not supported with this model."
+                    " Use 'max_completion_tokens' instead.", "unsupported_parameter", param=name,
+                )
+            if name in body and body[name] != 1:
+                return _error(
+                    400, f"Unsupported value: '{name}' does not support {body[name]} with this model."
+                    " Only the default (1) value is supported.", "unsupported_value", param=name,
+                )
+        return None
 
     async def _generate(self, request: Request) -> Reply:
         if self._queue is None:
@@ -558,9 +594,10 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
+def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    kind = "invalid_request_error" if code.startswith("unsupported") else code
     return web.json_response(
-        {"error": {"message": message, "type": code, "code": code, "param": None}}, status=status
+        {"error": {"message": message, "type": kind, "code": code, "param": param}}, status=status
     )
 
 
@@ -591,6 +628,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retry-after", type=float, default=1.0)
     p.add_argument("--hang", type=float, default=30.0)
     p.add_argument("--api-key-env", default=None, help="require the key held in this variable")
+    p.add_argument(
+        "--refuse", action="append", default=[], choices=REFUSABLE,
+        help="answer a body with this field 400, as OpenAI's reasoning models do; repeatable",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -614,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         hang=args.hang,
         model=args.model,
         api_key=os.environ[args.api_key_env] if args.api_key_env else None,
+        refuse=args.refuse,
     ).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

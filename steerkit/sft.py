@@ -89,6 +89,7 @@ class SFTRecipe:
     gradient_checkpointing: bool | str = "auto"  # auto = on GPU only (on CPU it only costs time, STACK)
     system_prompt: str = "student"  # student: SPEC 3's evaluation system prompt on every row | keep
     max_dialogues: int | None = None  # first N dialogues only
+    probe_rows: int = 16  # training rows whose loss is measured before and after (the "loss went down" check)
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int | None = 2
@@ -557,6 +558,20 @@ def _finished(run_dir: Path, recipe: SFTRecipe) -> bool:
     return True
 
 
+def probe_rows(trainer, n: int):  # -> datasets.Dataset | None
+    """The first ``n`` training rows as the trainer prepared them (None when ``n`` is 0)."""
+    if n <= 0:
+        return None
+    data = trainer.train_dataset
+    return data.select(range(min(n, len(data))))
+
+
+def probe_loss(trainer, rows) -> float:
+    """Mean loss on assistant tokens of ``rows``. Logged losses cannot show that training lowered the
+    loss when the run is short next to ``logging_steps`` (one logged value), so the check uses this."""
+    return float(trainer.evaluate(eval_dataset=rows, metric_key_prefix="probe")["probe_loss"])
+
+
 def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
     """Train the student on STEER-SFT; returns the run directory (final model in ``checkpoint/``).
 
@@ -587,10 +602,22 @@ def run_sft(recipe: SFTRecipe, *, callbacks: list | None = None) -> Path:
     summary: dict[str, Any] = {}
     if trainer.eval_dataset is not None and last is None:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    probe = probe_rows(trainer, recipe.probe_rows)
+    # measured before the first step and kept in the manifest, so a resumed run compares with it
+    # (read from the file: every process of a launch must take the same branch, evaluate is collective)
+    before = json.loads((run.path / MANIFEST_FILE).read_text()).get("probe_loss_before") if last else None
+    if before is None and probe is not None:
+        before = probe_loss(trainer, probe)
+        if state.is_main_process:
+            run.update_manifest(probe_loss_before=before)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
-    summary.update(global_step=trainer.state.global_step, train_loss=result.training_loss,
+    # planned_steps: what max_steps or the epochs came to (the trainer's own count), for the step check
+    summary.update(global_step=trainer.state.global_step, planned_steps=trainer.state.max_steps,
+                   epochs=trainer.state.epoch, train_loss=result.training_loss,
                    train_seconds=round(time.perf_counter() - t0, 2))
+    if probe is not None:
+        summary.update(probe_rows=len(probe), probe_loss_before=before, probe_loss_after=probe_loss(trainer, probe))
     if trainer.eval_dataset is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     save_final(trainer, run.path / CHECKPOINT, info["backend"])

@@ -24,8 +24,11 @@ bytes and each reply parsed by pydantic's JSON codec, session-level headers, bas
 by file identity.
 
 Sampling goes out as ``temperature``, ``max_tokens``, ``top_p`` and ``seed`` (when set), which vLLM,
-SGLang and most hosted chat models accept; OpenAI's reasoning models reject ``max_tokens`` (they
-want ``max_completion_tokens``) and answer 400, reported as ``finish="error"``.
+SGLang and most hosted chat models accept. OpenAI's reasoning models (gpt-5-nano, o-series) reject
+``max_tokens`` (they want ``max_completion_tokens``) and any temperature or top_p but 1 with a 400;
+`RequestOptions` adapt the body per role (``?max_tokens_field=max_completion_tokens&omit=temperature,
+top_p&reasoning_effort=minimal`` after the URL of a role spec, see `steerkit.roles`), and a 400 that
+names one of these fields comes back as ``finish="error"`` with the option that fixes it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +121,88 @@ def _data_url(path: Path, _memo: dict[tuple[str, int, int], str] = {}) -> str:  
     return url
 
 
-def chat_body(model: str, request: Request) -> bytes:
+#: Body fields the backend writes itself: an option may rename or drop them, not set them.
+SAMPLING_FIELDS = ("temperature", "max_tokens", "top_p", "seed")
+_OWN_FIELDS = frozenset({"model", "messages", "max_completion_tokens", "stream", "n", *SAMPLING_FIELDS})
+#: The option that makes a server accept a request it refused for this field (the error's ``param``).
+_FIXES = {
+    "max_tokens": "max_tokens_field=max_completion_tokens",
+    "temperature": "omit=temperature",
+    "top_p": "omit=top_p",
+    "seed": "omit=seed",
+}
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """How one served role's requests are written, for servers that refuse the usual fields.
+
+    Attributes:
+        max_tokens_field: the name the token limit goes out under (``max_tokens`` or
+            ``max_completion_tokens``, which OpenAI's reasoning models require).
+        omit: sampling fields left out of the body (the server's defaults apply), e.g. temperature
+            and top_p for a model that accepts only their defaults.
+        extra: further body fields sent as they are (``reasoning_effort``, ``chat_template_kwargs``).
+    """
+
+    max_tokens_field: str = "max_tokens"
+    omit: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError(
+                f"max_tokens_field={self.max_tokens_field!r}: use max_tokens or max_completion_tokens"
+            )
+        if bad := sorted(set(self.omit) - set(SAMPLING_FIELDS)):
+            raise ValueError(f"omit={','.join(bad)}: only {', '.join(SAMPLING_FIELDS)} can be left out")
+        if bad := sorted(set(self.extra) & _OWN_FIELDS):
+            raise ValueError(
+                f"{', '.join(bad)}: written by the backend itself; use max_tokens_field= or omit="
+            )
+
+    @classmethod
+    def parse(cls, query: str) -> RequestOptions:
+        """Options from ``key=value&key=value`` (values read as YAML scalars: 0.5, true, minimal).
+
+        >>> RequestOptions.parse("max_tokens_field=max_completion_tokens&omit=temperature,top_p"
+        ...                      "&reasoning_effort=minimal").manifest()
+        {'max_tokens_field': 'max_completion_tokens', 'omit': ['temperature', 'top_p'], 'extra': {'reasoning_effort': 'minimal'}}
+        """
+        import yaml
+
+        values: dict[str, Any] = {"extra": {}}
+        for item in filter(None, query.split("&")):
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"request option {item!r}: write <name>=<value>")
+            match key:
+                case "max_tokens_field":
+                    values[key] = raw
+                case "omit":
+                    values[key] = tuple(x.strip() for x in raw.split(",") if x.strip())
+                case _:
+                    values["extra"][key] = yaml.safe_load(raw)
+        return cls(**values)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"max_tokens_field": self.max_tokens_field, "omit": list(self.omit), "extra": dict(self.extra)}
+
+
+DEFAULT_OPTIONS = RequestOptions()
+
+
+def fix_hint(param: str, message: str, options: RequestOptions) -> str:
+    """The role-spec option that fixes a 400 refusing ``param`` ('' when none applies or it is set)."""
+    named = param or next((f for f in _FIXES if f"'{f}'" in message), "")
+    fix = _FIXES.get(named, "")
+    if not fix or (named == "max_tokens" and options.max_tokens_field != "max_tokens") or named in options.omit:
+        return ""
+    return (f" (this server refuses {named!r}: add ?{fix} after the URL of the role spec, as"
+            " docs/full_run.md shows)")
+
+
+def chat_body(model: str, request: Request, options: RequestOptions = DEFAULT_OPTIONS) -> bytes:
     """The JSON body of ``POST /chat/completions`` for a request; images become base64 data URLs.
 
     A message with images is sent as content parts (images first, then the text); one without is sent
@@ -140,31 +225,34 @@ def chat_body(model: str, request: Request) -> bytes:
         else:
             messages.append({"role": m.role, "content": m.content})
     s = request.sampling
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "temperature": s.temperature,
-        "max_tokens": s.max_tokens,
-        "top_p": s.top_p,
-    }
-    if s.seed is not None:
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    omit = options.omit
+    if "temperature" not in omit:
+        body["temperature"] = s.temperature
+    if "max_tokens" not in omit:
+        body[options.max_tokens_field] = s.max_tokens
+    if "top_p" not in omit:
+        body["top_p"] = s.top_p
+    if s.seed is not None and "seed" not in omit:
         body["seed"] = s.seed
+    if options.extra:
+        body.update(options.extra)
     # the bytes of json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() (floats
     # aside: 1e-05 is written 0.00001), about five times faster on multi-kilobyte judge prompts
     return pydantic_core.to_json(body)
 
 
-def _error_fields(payload: bytes) -> tuple[str, str]:
-    """(code, message) of an OpenAI-style error body; empty strings when it has none."""
+def _error_fields(payload: bytes) -> tuple[str, str, str]:
+    """(code, message, param) of an OpenAI-style error body; empty strings when it has none."""
     try:
         err = json.loads(payload).get("error") or {}
     except (ValueError, AttributeError):
-        return "", payload[:200].decode("utf-8", "replace")
+        return "", payload[:200].decode("utf-8", "replace"), ""
     if not isinstance(err, dict):
-        return "", str(err)[:200]
+        return "", str(err)[:200], ""
     inner = err.get("innererror") or {}
     code = str(err.get("code") or (inner.get("code") if isinstance(inner, dict) else "") or "")
-    return code, str(err.get("message") or "")[:500]
+    return code, str(err.get("message") or "")[:500], str(err.get("param") or "")
 
 
 async def _close_at_loop_end(session: aiohttp.ClientSession) -> None:
@@ -185,6 +273,7 @@ class OpenAICompatBackend:
             header (local vLLM and `steerkit.serve` need none).
         max_concurrency: requests in flight at once (the front's semaphore and the connection pool).
         timeout: seconds for one whole call, connection to last byte.
+        options: how the body is written for this server (`RequestOptions`).
     """
 
     batched = False
@@ -196,6 +285,7 @@ class OpenAICompatBackend:
         api_key_env: str = "OPENAI_API_KEY",
         max_concurrency: int = 32,
         timeout: float = 120.0,
+        options: RequestOptions = DEFAULT_OPTIONS,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(
@@ -208,6 +298,7 @@ class OpenAICompatBackend:
         self.api_key_env = api_key_env
         self.max_concurrency = max_concurrency
         self.timeout = timeout
+        self.options = options
         self._url = f"{self.base_url}/chat/completions"
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         # one session per event loop: `run_sync` may drive the same backend from fresh loops
@@ -217,7 +308,7 @@ class OpenAICompatBackend:
     def __repr__(self) -> str:
         return (
             f"OpenAICompatBackend(model={self.model!r}, base_url={self.base_url!r},"
-            f" api_key_env={self.api_key_env!r})"
+            f" api_key_env={self.api_key_env!r}, options={self.options!r})"
         )
 
     def _session(self) -> aiohttp.ClientSession:
@@ -251,7 +342,7 @@ class OpenAICompatBackend:
 
     async def _one(self, request: Request) -> Reply:
         try:
-            body = chat_body(self.model, request)
+            body = chat_body(self.model, request, self.options)
         except (
             OSError,
             ValueError,
@@ -309,7 +400,7 @@ class OpenAICompatBackend:
         )
 
     def _refusal(self, status: int, payload: bytes, retry_after: str | None) -> Reply:
-        code, message = _error_fields(payload)
+        code, message, param = _error_fields(payload)
         if status in RETRY_STATUSES or status >= 500:
             raise TransientError(
                 f"HTTP {status}: {message}", retry_after=parse_retry_after(retry_after)
@@ -318,12 +409,22 @@ class OpenAICompatBackend:
             return Reply(
                 text="", finish="blocked", model=self.model, error=f"HTTP 400 {code}: {message}"
             )
+        hint = fix_hint(param, message, self.options) if status == 400 else ""
         return Reply(
             text="",
             finish="error",
             model=self.model,
-            error=f"HTTP {status} {code}: {message}".strip(),
+            error=f"HTTP {status} {code}: {message}".strip() + hint,
         )
+
+    def server_models(self, timeout: float = 10.0) -> list[str]:
+        """The model ids the server lists at ``GET /models`` (what it really serves)."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.base_url}/models", headers=self._headers() or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+        return [str(m.get("id")) for m in data.get("data") or [] if isinstance(m, dict)]
 
     async def aclose(self) -> None:
         """Close the session of the running loop (and forget those of loops already closed)."""

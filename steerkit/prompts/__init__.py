@@ -2,11 +2,13 @@
 
 A prompt file ``<name>.yaml`` holds ``name``, ``version``, ``description``, ``system`` and ``user``
 (Jinja templates rendered with StrictUndefined, so a missing field is an error, not a blank) and any
-extra data the code needs (strategy lists, rubric levels). Every run records the ids it used.
+extra data the code needs (strategy lists, rubric levels). Every run records the ids it used and,
+beside them, the SHA-256 of each file (`Prompt.sha256`), so an edit without a version bump shows.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -25,6 +27,7 @@ class Prompt:
     system: str
     user: str
     data: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    sha256: str = field(default="", compare=False)  # of the YAML file's bytes
 
     @property
     def id(self) -> str:
@@ -61,11 +64,13 @@ def load_prompt(ref: str) -> Prompt:
     if not path.is_file():
         known = sorted(p.stem for p in PROMPT_DIR.glob("*.yaml"))
         raise ValueError(f"no prompt named {name!r}; known prompts: {', '.join(known)}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = path.read_bytes()
+    data = yaml.safe_load(raw.decode("utf-8"))
     missing = {"name", "version", "description", "system", "user"} - set(data)
     if missing:
         raise ValueError(f"{path}: missing fields {sorted(missing)}")
     if want and int(want) != data["version"]:
         raise ValueError(f"{path}: holds version {data['version']}, not {want}; old versions live in git history")
     extra = {k: v for k, v in data.items() if k not in {"name", "version", "description", "system", "user"}}
-    return Prompt(data["name"], int(data["version"]), data["description"], data["system"], data["user"], extra)
+    return Prompt(data["name"], int(data["version"]), data["description"], data["system"], data["user"], extra,
+                  sha256=hashlib.sha256(raw).hexdigest())
