@@ -37,7 +37,9 @@ demo: env
 # The suite plus nbval over the source notebooks (smoke defaults; only NBVAL_CHECK_OUTPUT cells compare
 # output). `make test PYTEST_ARGS=tests/test_x.py` runs a part.
 PYTEST_ARGS ?= tests steerkit notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+# Lint first (ruff's rules at the configured line length, pyproject.toml), then the suite.
 test: env
+	$(BIN)/ruff check steerkit tests benchmarks scripts notebooks
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean-env:

@@ -155,13 +155,13 @@ class ReplyCache:
     """An append-only JSONL file of replies by content key; safe to kill at any point.
 
     Each record is one ``O_APPEND`` write, so a kill leaves whole lines (a torn last line is dropped
-    on the next open by `steerkit.runs.ResultLog`) and clients sharing the file do not interleave.
-    The values of secret environment variables (`steerkit.runs.SECRET_ENV` plus ``secret_env``, e.g.
+    on the next open by `steerkit.files.ResultLog`) and clients sharing the file do not interleave.
+    The values of secret environment variables (`steerkit.files.SECRET_ENV` plus ``secret_env``, e.g.
     the backend's key variable) are replaced by ``***`` before anything is written.
     """
 
     def __init__(self, path: Path, *, secret_env: tuple[str, ...] = ()) -> None:
-        from steerkit.runs import SECRET_ENV, ResultLog
+        from steerkit.files import SECRET_ENV, ResultLog
 
         self.path = Path(path)
         self._mem: dict[str, dict[str, Any]] = {r["key"]: r for r in ResultLog(self.path, key="key", fsync=False)}

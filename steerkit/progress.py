@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Self, TextIO
 
 from steerkit.layout import PROGRESS_FILE
-from steerkit.runs import writes_run_files
+from steerkit.files import writes_run_files
 
 #: Trainer log values a progress line carries (SFT's loss; GRPO's loss and mean reward).
 SHOWN_LOGS = ("loss", "reward")

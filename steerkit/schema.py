@@ -321,7 +321,7 @@ def dump_line(record: BaseModel) -> str:
 
 def write_jsonl(records: Iterable[BaseModel], path: str | Path) -> Path:
     """Write a whole JSONL file atomically (a kill never leaves a half-written file)."""
-    from steerkit.runs import atomic_write_text
+    from steerkit.files import atomic_write_text
 
     return atomic_write_text(Path(path), "".join(dump_line(r) for r in records))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from steerkit.prompts import PROMPT_DIR
 from steerkit.provenance import imported_modules, input_digests
 from steerkit.runs import open_run
+from steerkit.verdicts import TUTOR_PROMPT
 
 
 def test_a_manifest_says_what_exactly_ran(tmp_path: Path, loopback_server) -> None:
@@ -44,8 +45,8 @@ def test_a_manifest_says_what_exactly_ran(tmp_path: Path, loopback_server) -> No
     assert m["hardware"]["torch"] and "cuda_available" in m["hardware"]
     for dist in ("transformers", "trl", "aiohttp", "pydantic", "Jinja2", "PyYAML"):
         assert m["packages"][dist], dist
-    run.update_manifest(prompts={"tutor": "tutor@1"})
-    assert set(json.loads((run.path / "manifest.json").read_text())["prompt_sha256"]) == {"tutor@1"}
+    run.update_manifest(prompts={"tutor": TUTOR_PROMPT})
+    assert set(json.loads((run.path / "manifest.json").read_text())["prompt_sha256"]) == {TUTOR_PROMPT}
 
 
 def test_every_module_steerkit_imports_is_found_and_no_stdlib_one() -> None:
