@@ -5,10 +5,13 @@
 OpenAI-compatible HTTP servers on loopback, laid out as the profile lays them out (generator, user
 agents and tutor on one, evaluator and judge on the other), answering the project's own prompts
 from the messages alone and, at seeded rates, with malformed, truncated or refused replies
-(`steerkit.rehearsal`, `steerkit.backends.readback`). The student is a tiny Qwen2.5-VL-shaped checkpoint in a folder, named by
-path where the profile names ``/models/Qwen2.5-VL-3B-Instruct``: SFT fine-tunes all of it by
-epochs, GRPO keeps the profile's B prompts x K generations over several turns, and notebook 04
-evaluates every checkpoint with the served judge.
+(`steerkit.rehearsal`, `steerkit.backends.readback`). The student is a tiny Qwen2.5-VL-shaped
+checkpoint in a folder, named by path where the profile names ``/models/Qwen2.5-VL-3B-Instruct``:
+SFT fine-tunes all of it by epochs, GRPO keeps the profile's B prompts x K generations in
+micro-batches with gradient accumulation over up to 10 turns, and notebook 04 evaluates every
+checkpoint with the served judge. A second run of notebook 04 serves its judge as OpenAI's
+reasoning models behave (``max_tokens``, ``temperature`` and ``top_p`` refused), configured as
+docs/full_run.md says, and every turn is scored.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ SIZES = [
     "01.n_redteam=2",
     "01.target_max_tokens=8",
     "01.tries=2",
-    # one epoch of 6 dialogues in 6 steps, so that the recipe's logging_steps 10 logs a loss
+    # 2 epochs of 6 steps (one dialogue a step), so that the recipe's logging_steps 10 logs a loss
     "02.batch_size=1",
     "02.per_device_batch_size=1",
     "02.max_length=2048",
