@@ -211,9 +211,10 @@ def test_04_evaluated_every_checkpoint_with_the_served_judge(rehearsal: dict[str
     assert set(unscored.unscored_reason) <= {"empty", "parse_failure", "off_scale"}
 
 
-# ---- a judge that rejects max_tokens, configured as docs/full_run.md says -------------------------
+# ---- a judge that rejects max_tokens, configured as docs/full_run.md says ----------------------
 
-#: The request options docs/full_run.md gives for OpenAI's reasoning models (GPT-5-nano, the paper's judge).
+#: The request options docs/full_run.md gives for OpenAI's reasoning models (GPT-5-nano, the
+#: paper's judge).
 REASONING_OPTIONS = (
     "?max_tokens_field=max_completion_tokens&omit=temperature,top_p&reasoning_effort=minimal"
 )

@@ -1,6 +1,6 @@
-"""`steerkit.backends.readback` and `steerkit.rehearsal`: each served prompt is recognised from its rendered messages alone, its
-inputs are read back, and the served reply is what the rules heuristics answer from all the
-fields."""
+"""`steerkit.backends.readback` and `steerkit.rehearsal`: each served prompt is recognised from its
+rendered messages alone, its inputs are read back, and the served reply is what the rules
+heuristics answer from all the fields."""
 
 from __future__ import annotations
 
