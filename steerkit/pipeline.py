@@ -123,8 +123,8 @@ def parse_assignment(text: str) -> tuple[str | None, str, Any]:
 
     >>> parse_assignment("03_mean.aggregator=mean")
     ('03_mean', 'aggregator', 'mean')
-    >>> parse_assignment("seed=7")
-    (None, 'seed', 7)
+    >>> parse_assignment("seed=7"), parse_assignment("03.tutor={policy}")  # a placeholder: a string
+    ((None, 'seed', 7), ('03', 'tutor', '{policy}'))
     >>> parse_assignment("04.labels=[base, sft]")
     ('04', 'labels', ['base', 'sft'])
     """
@@ -134,7 +134,11 @@ def parse_assignment(text: str) -> tuple[str | None, str, Any]:
     if not sep or not name.strip():
         raise ValueError(f"--set {text!r}: write <param>=<value> or <stage>.<param>=<value>")
     scope, dot, param = name.strip().rpartition(".")
-    return (scope if dot else None), param, yaml.safe_load(raw) if raw.strip() else ""
+    plain = re.match(r"\s*(\{\w+\}|$)", raw)  # YAML would read "{policy}/x" as a mapping or fail
+    try:
+        return (scope if dot else None), param, raw.strip() if plain else yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text!r}: the value is not YAML ({e.problem}); quote it") from None
 
 
 def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) -> dict[str, Any]:

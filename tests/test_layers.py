@@ -39,11 +39,13 @@ LAYERS: dict[str, int] = {
     "verdicts": 3, "tutor": 3, "judge": 3, "metrics": 3, "stats": 3,
     # 4 the stages
     "synth": 4, "synth.*": 4, "sft": 4, "grpo": 4, "evaluate": 4, "rl_data": 4,
-    "distributed": 4, "grpo_cli": 4, "sft_checks": 4, "grpo_config": 4, "grpo_batching": 4, "grpo_resume": 4,
-    "grpo_tracking": 4, "grpo_trainer": 4, "sft_data": 4, "sft_trainer": 4, "checkpoints": 4,
+    "distributed": 4, "grpo_cli": 4, "sft_checks": 4, "grpo_config": 4, "grpo_batching": 4,
+    "grpo_resume": 4, "grpo_tracking": 4, "grpo_trainer": 4, "sft_data": 4, "sft_trainer": 4,
+    "checkpoints": 4,
     # 5 top: read-back, display, orchestration
     "frames": 5, "plots": 5, "render": 5, "inspector": 5, "pipeline": 5, "notebooks": 5, "cli": 5,
-    "serve": 5, "serve_wire": 5, "serve_faults": 5, "serve_batching": 5, "serve_cli": 5, "calibration": 5, "harm_calibration": 5, "agreement": 5,
+    "serve": 5, "serve_wire": 5, "serve_faults": 5, "serve_batching": 5, "serve_cli": 5, "rehearsal": 5,
+    "calibration": 5, "harm_calibration": 5, "agreement": 5,
 }
 
 #: Upward imports that remain, each with the reason. An entry that no longer occurs fails the
