@@ -1,5 +1,7 @@
 """The ordered pipeline 01 -> 02 -> 03 (TCSR and mean) -> 04, resumable stage by stage.
 
+Size: recipes, their precedence and the stage loop are read together; they stay in one module.
+
 Each stage executes one numbered notebook (`steerkit.notebooks.execute`) into
 ``papermill_runs/<pipeline_run>/``; a later stage is handed the run directories of the stages it
 reads as parameters. ``pipeline.json`` in the pipeline folder records the recipe, each stage's run

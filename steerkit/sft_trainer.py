@@ -64,13 +64,21 @@ def freeze_vision_tower(model) -> int:
 
 
 def train_log_callback(path: Path):  # -> transformers.TrainerCallback
-    """A callback writing one JSON line per trainer log (main process only)."""
+    """A callback writing one JSON line per trainer log (main process only).
+
+    The last step is always logged: a run shorter than ``logging_steps`` (a few epochs of a small
+    data set) would otherwise leave no loss at all, and its plot and checks nothing to read.
+    """
     from transformers import TrainerCallback
 
     class _TrainLog(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.log = ResultLog(path, key="step")
             self.last = (time.perf_counter(), 0)  # TRL counts tokens from 0 in each process
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs or "loss" not in logs:

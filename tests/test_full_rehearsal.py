@@ -37,7 +37,8 @@ SIZES = [
     "01.n_redteam=2",
     "01.target_max_tokens=8",
     "01.tries=2",
-    # 2 epochs of 6 steps (one dialogue a step), so that the recipe's logging_steps 10 logs a loss
+    # 2 epochs of 6 steps (one dialogue a step): enough steps at the profile's lr 1e-5 for the probe
+    # loss to fall measurably on the tiny student
     "02.batch_size=1",
     "02.per_device_batch_size=1",
     "02.max_length=2048",

@@ -264,6 +264,17 @@ def test_lora_is_merged_into_a_plain_checkpoint(tiny_vlm_dir: Path, data_dir: Pa
         ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in changed)
 
 
+def test_a_run_shorter_than_logging_steps_logs_its_last_step(tiny_vlm_dir: Path, data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Two epochs of 6 dialogues in batches of 4 are 4 steps, fewer than logging_steps 10: the last
+    step's loss is logged all the same (notebook 02 plots and checks it)."""
+    run_dir = run_sft(tiny_recipe(tiny_vlm_dir, data_dir, tmp_path, run_id="short", max_steps=-1,
+                                  num_train_epochs=2, batch_size=4, per_device_batch_size=4,
+                                  logging_steps=10, save_steps=100))
+    logged = training_log(run_dir)
+    assert [r["step"] for r in logged] == [4] and logged[0]["loss"] > 0
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoint(
     tiny_vlm_dir: Path, data_dir: Path, tmp_path: Path
