@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from steerkit.layout import MAX_TURNS
@@ -111,6 +112,18 @@ class GRPORunConfig:
     with_images: bool = False
     run_id: str = ""
     runs_root: str = ""
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any], **overrides: Any) -> GRPORunConfig:
+        """A config from a notebook's parameters: each field named in ``values`` (other names are
+        ignored), then ``overrides`` for fields the notebook names otherwise.
+
+        >>> c = GRPORunConfig.from_parameters({"alpha": 0.5, "seed": 3, "show_trajectories": 2}, seed=4)
+        >>> c.alpha, c.seed
+        (0.5, 4)
+        """
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
 
 
 def batching_of(config: GRPORunConfig) -> Any:
