@@ -341,7 +341,7 @@ def cells_df(sweep_dir: str | Path) -> Any:
     return pd.DataFrame(rows)
 
 
-def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "alpha=0.1,0.5", run_id: str = "tiny-sweep",
+def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "{alpha: [0.1, 0.5]}", run_id: str = "tiny-sweep",
                notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
     """A sweep small enough for notebook 05's defaults (a few minutes on two cores), into
     ``<runs_root>/<run_id>``; a finished one is returned as it is.
@@ -349,8 +349,7 @@ def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "alpha=0.1,0.
     The student is the tiny Qwen2.5-VL built in code (random weights: its rates mean nothing), there is
     no SFT (GRPO starts from the base student), 01 synthesizes a handful of text-only rules scripts
     for the RL set and the bench, each cell takes one GRPO step of 2 x 2 two-turn rollouts with the
-    rules tutor, and 04 replays the bench with the rules judge. ``grid`` is ``--grid`` syntax, axes
-    separated by ``;``.
+    rules tutor, and 04 replays the bench with the rules judge. ``grid`` is a YAML mapping of axes.
     """
     from steerkit.models import build_tiny_vlm
 
@@ -358,8 +357,13 @@ def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "alpha=0.1,0.
     student = root / run_id / "tiny_vlm"
     if not (student / "config.json").is_file():
         build_tiny_vlm(student)
-    recipe = load_recipe(None, grid=[a for a in grid.split(";") if a.strip()])
-    recipe.update(offline=True, sft_run="", studies=False)
+    import yaml
+
+    recipe = load_recipe(None)
+    axes = yaml.safe_load(grid)
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        raise ValueError(f"tiny sweep grid {grid!r}: write a YAML mapping of lists, e.g. {{alpha: [0.1, 0.5]}}")
+    recipe.update(offline=True, sft_run="", studies=False, grid=axes)
     recipe["stages"] = {
         "01": {"n_benign": 6, "n_obfuscated": 6, "n_redteam": 0, "image_share": 0.0, "bench_share": 0.34},
         "03": {"student": str(student), "n_prompts": 2, "prompts_per_step": 2, "num_generations": 2,
