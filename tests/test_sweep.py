@@ -253,3 +253,33 @@ def test_notebook_05_reads_the_sweep_and_writes_its_figures(real_sweep: dict) ->
         sidecar = json.loads((real_sweep["figures"] / f"{name}.json").read_text())
         assert set(sidecar["sources"]) == sources and sidecar["git"]["commit"]
     print(f"real sweep of {len(m['cells'])} cells: {real_sweep['seconds']:.0f} s")
+
+
+# ---- reading a sweep (steerkit.studies) on hand-made frames ----------------------------------------
+
+
+def test_arms_are_compared_within_each_seed_against_the_reference() -> None:
+    import pandas as pd
+
+    from steerkit import studies
+
+    cells = pd.DataFrame({"label": ["SFT", "A s0", "B s0", "A s1", "B s1"], "arm": ["SFT", "A", "B", "A", "B"],
+                          "seed": [None, 0, 0, 1, 1], "paper": ["3B SFT", "3B SaFeR-Steer", None, "3B SaFeR-Steer", None]})
+    # four items; in seed 0 arm B passes Safety on every item A fails (4 discordant: exact p = 2/16)
+    passes = {"SFT": [1, 1, 0, 0], "A s0": [0, 0, 0, 0], "B s0": [1, 1, 1, 1], "A s1": [1, 0, 1, 0], "B s1": [1, 0, 1, 0]}
+    dialogues = pd.DataFrame([
+        {"label": lab, "dialogue_id": f"d{i}", "subset": "x", "harmlessness_avg": 3.0 if p else 1.0,
+         "helpfulness_avg": 3.0, "n_turns": 2, "first_failure": None if p else 1}
+        for lab, ps in passes.items() for i, p in enumerate(ps)])
+    reference = studies.default_reference(cells, dict(zip(cells.arm, cells.paper)))
+    assert reference == "A"
+    paired = studies.compare(dialogues, cells, reference=reference, n_resamples=200)
+    safety = paired.query("metric == 'safety'").set_index(["seed", "arm_b"])
+    assert set(paired.arm_a) == {"A"} and set(safety.index) == {(0, "B"), (0, "SFT"), (1, "B"), (1, "SFT")}
+    assert safety.loc[(0, "B"), "diff"] == 100.0 and safety.loc[(0, "B"), "p_value"] == pytest.approx(2 / 16)
+    assert safety.loc[(1, "B"), "diff"] == 0.0 and safety.loc[(1, "B"), "p_value"] == 1.0
+    table = studies.tidy(dialogues, cells)
+    spread = studies.over_seeds(table).query("arm == 'B' and subset == 'all' and metric == 'safety'").iloc[0]
+    assert (spread["mean"], spread["seeds"]) == (75.0, 2) and spread["lo"] < 75.0 < spread["hi"]
+    with pytest.raises(ValueError, match="reference arm 'C' is not in the sweep"):
+        studies.compare(dialogues, cells, reference="C")
