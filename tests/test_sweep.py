@@ -147,7 +147,7 @@ def test_bad_grids_and_sets_are_refused_before_anything_runs(
         sweep(["alpah=0.1,0.2"]).cells()
     with pytest.raises(ValueError, match="grid axis 'sft_run'"):
         sweep(["sft_run=a,b"]).cells()
-    with pytest.raises(ValueError, match="alpha is set by the sweep"):
+    with pytest.raises(ValueError, match="the sweep sets alpha"):
         sweep(["alpha=0.1,0.2"], ("alpha=0.3",)).cells()
     with pytest.raises(ValueError, match="the sweep has no grid"):
         sweep([]).cells()
