@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one numbered notebook on its own (inputs given with --set)")
     stage.add_argument("stage", help="a stage: 01, 02, 03_tcsr, 03_mean or 04 (or a notebook number)")
     _common(stage)
+    sweep = sub.add_parser("sweep", help="a grid over 03's parameters from one SFT checkpoint,"
+                           " evaluated by 04, read by 05; resumable per cell")
+    _common(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="PARAM=V1,V2",
+                       help="a grid axis over a notebook-03 parameter (values read as YAML;"
+                       " replaces the recipe's axis)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="resume the latest unfinished sweep of this profile")
+    sweep.add_argument("--plan", action="store_true", help="list the cells and exit")
     return parser
 
 
@@ -56,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from steerkit import pipeline as pl
 
     profile = None if args.profile == "none" else args.profile
+    if args.command == "sweep":
+        from steerkit.sweep import command
+
+        return command(args, profile)
     try:
         recipe = pl.load_recipe(profile, args.config)
         if args.command == "run":

@@ -37,3 +37,6 @@ DIALOGUES_FILE = "dialogues.jsonl"
 
 # The pipeline (steerkit run).
 PIPELINE_MANIFEST = "pipeline.json"
+
+# A sweep (steerkit sweep): the cells of its grid, their parameters and run directories.
+SWEEP_MANIFEST = "sweep.json"

@@ -57,13 +57,20 @@ def _in_order(frame: pd.DataFrame, column: str):
     return [(lab, groups[lab]) for lab in _order(list(groups))]
 
 
+NOTE_WIDTH = 170  # characters per line of a note at font size 10 on a 1000-pixel figure (measured on the PNG)
+
+
 def with_note(fig: go.Figure, note: str) -> go.Figure:
-    """A line of text under the plot (the judge's measured agreement with human labels, say), so the
-    statement travels with the PNG and the HTML; empty ``note``: the figure unchanged."""
+    """Text under the plot (the judge's measured agreement with human labels, say), so the statement
+    travels with the PNG and the HTML, wrapped to the figure's width (plotly draws an annotation on
+    one line, cut at the edge); empty ``note``: the figure unchanged."""
+    import textwrap
+
     if note:
-        fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", yanchor="top",
-                           showarrow=False, align="left", font={"size": 10, "color": "#555555"})
-        fig.update_layout(margin={"b": 120})
+        lines = [w for line in note.splitlines() for w in textwrap.wrap(line, NOTE_WIDTH) or [""]]
+        fig.add_annotation(text="<br>".join(lines), xref="paper", yref="paper", x=0, y=-0.22, xanchor="left",
+                           yanchor="top", showarrow=False, align="left", font={"size": 10, "color": "#555555"})
+        fig.update_layout(margin={"b": 100 + 14 * len(lines)})
     return fig
 
 
