@@ -2,6 +2,8 @@
 checkpoint, all evaluated by notebook 04 on one bench and read by notebook 05 (docs/studies.md,
 "Sweeps").
 
+Size: sweep.json is written and read back here, so its format lives in one module.
+
 A sweep is a `steerkit.pipeline.Pipeline` with generated stages: 01 and 02 once, one 03 stage per
 cell, one 04 over the SFT checkpoint and every cell, then 05 over the sweep. Resume, parameter
 checks, executed notebooks and ``pipeline.json`` are the pipeline's, so a killed sweep started again

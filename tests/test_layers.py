@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "checkpoints": 4,
     # 5 top: read-back, display, orchestration
     "frames": 5, "plots": 5, "render": 5, "inspector": 5, "pipeline": 5, "notebooks": 5, "cli": 5,
+    "sweep": 5, "studies": 5,
     "serve": 5, "serve_wire": 5, "serve_faults": 5, "serve_batching": 5, "serve_cli": 5, "rehearsal": 5,
     "calibration": 5, "harm_calibration": 5, "agreement": 5,
 }
