@@ -228,29 +228,6 @@ def vision_loss_for_this_transformers():
 # ---- GRPO -----------------------------------------------------------------------------------------
 
 
-@contextmanager
-def grpo_mini_batches(mini_batch: int):
-    """Make `steerkit.grpo.make_trainer` train its B x K rows in mini-batches of ``mini_batch`` with
-    gradient accumulation (one generation per optimiser step), instead of one batch of B x K rows."""
-    import trl
-
-    base = trl.GRPOConfig
-
-    def config(**kw: Any):
-        rows = kw["per_device_train_batch_size"]
-        if rows % mini_batch:
-            raise ValueError(f"B x K = {rows} rows do not split into mini-batches of {mini_batch}")
-        kw.update(per_device_train_batch_size=mini_batch, gradient_accumulation_steps=rows // mini_batch,
-                  steps_per_generation=rows // mini_batch)
-        return base(**kw)
-
-    trl.GRPOConfig = config
-    try:
-        yield
-    finally:
-        trl.GRPOConfig = base
-
-
 def rl_rows(work: Path, n: int, turns: int) -> list[dict[str, Any]]:
     """``n`` seed-built STEER-RL rows with a packaged photo in the first turn, at its own size."""
     from steerkit.rl_data import rl_rows as rows_of
@@ -274,14 +251,15 @@ def grpo(model: Path, work: Path, sizes: Sizes, *, lora: bool, deadline: float) 
         student=str(model), prompts_per_step=sizes.grpo_prompts, num_generations=sizes.grpo_k, max_steps=steps,
         learning_rate=NAN_LORA_LR if lora else AUTHORS_3B_GRPO_LR, lr_scheduler="constant" if lora else "linear",
         max_turns=sizes.turns, max_new_tokens=sizes.grpo_new_tokens, lora=lora, with_images=True, seed=0,
+        # B x K rows in mini-batches with gradient accumulation, one rollout per optimiser step
+        per_device_batch=sizes.grpo_mini_batch, gradient_accumulation=0, generation_batch=0,
     )
     rows = rl_rows(work, sizes.grpo_prompts, sizes.turns)
     torch.manual_seed(0)
     reset_peak()
     student, processor = load_student(model)
-    with grpo_mini_batches(sizes.grpo_mini_batch):
-        trainer = make_trainer(student, processor, rows, tutor=Roles({"tutor": "rules"}).client("tutor"),
-                               config=config, output_dir=work / "trainer", run_dir=work)
+    trainer = make_trainer(student, processor, rows, tutor=Roles({"tutor": "rules"}).client("tutor"),
+                           config=config, output_dir=work / "trainer", run_dir=work)
     rollout_s: list[float] = []
     rollout_tokens: list[int] = []
     inner = trainer.rollout_func
