@@ -87,8 +87,21 @@ def tutor_trainer_class() -> type:
             finally:
                 self._unread = None
 
-        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
-            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any,
+                                               logits_to_keep: int, batch_size: int | None = None,
+                                               **kwargs: Any) -> tuple[Any, Any, Any]:
+            import torch
+
+            base = super()._get_per_token_logps_and_entropies
+            chunks = image_chunks(input_ids.size(0), batch_size or input_ids.size(0), kwargs)
+            if chunks is None:
+                logps, entropies, aux = base(model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+            else:
+                parts = [base(model, input_ids[a:b], attention_mask[a:b], logits_to_keep, b - a, **kw)
+                         for a, b, kw in chunks]
+                logps = torch.cat([p[0] for p in parts])
+                entropies = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+                aux = torch.stack([p[2] for p in parts]).mean() if parts[0][2] is not None else None
             if self._unread is not None and logps.shape == self._unread.shape:
                 # masked_fill: no gradient reaches the filled positions (a multiply by 0 would carry NaN)
                 logps = logps.masked_fill(self._unread, 0.0)
@@ -111,6 +124,38 @@ def tutor_trainer_class() -> type:
             return out
 
     return TutorGRPOTrainer
+
+
+def image_chunks(rows: int, chunk: int, kwargs: dict[str, Any]) -> list[tuple[int, int, dict[str, Any]]] | None:
+    """The forward passes over ``rows`` rows in chunks of ``chunk`` rows: (start, end, model inputs).
+
+    TRL slices Qwen-style image inputs (``pixel_values`` and ``image_grid_thw``, ``num_images`` per
+    row) for each chunk itself, but hands a chunk whose rows carry no image an empty
+    ``image_grid_thw`` instead of none, and the vision tower fails on it. GRPO rows with and without
+    an image meet in one rollout whenever only some RL dialogues open with an image (notebook 01's
+    ``image_share``), and a micro-batch or log-prob chunk smaller than the rollout (``per_device_batch``
+    below B x K) can hold only image-free rows. Such a chunk gets no image inputs here, so the model
+    takes its positions as text; a chunk with images gets its own rows' pixels and grids.
+    """
+    pixels, grid, counts = kwargs.get("pixel_values"), kwargs.get("image_grid_thw"), kwargs.get("num_images")
+    if pixels is None or grid is None or counts is None:
+        return None  # no Qwen-style image inputs: TRL's own chunking is right
+    per_image = grid.prod(dim=-1).tolist()
+    first_image = [sum(counts[:i]) for i in range(rows + 1)]
+    first_pixel = [sum(per_image[:first_image[i]]) for i in range(rows + 1)]
+    image_keys = {"pixel_values", "image_grid_thw", "num_images"}
+    out = []
+    for a in range(0, rows, chunk):
+        b = min(a + chunk, rows)
+        kw = {k: (v[a:b] if k not in image_keys and hasattr(v, "shape") and v.ndim and v.shape[0] == rows else v)
+              for k, v in kwargs.items()}
+        if first_image[b] == first_image[a]:
+            kw.update(pixel_values=None, image_grid_thw=None, num_images=None)
+        else:
+            kw.update(pixel_values=pixels[first_pixel[a]:first_pixel[b]],
+                      image_grid_thw=grid[first_image[a]:first_image[b]], num_images=list(counts[a:b]))
+        out.append((a, b, kw))
+    return out
 
 
 class TutorRollout:

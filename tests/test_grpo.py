@@ -240,6 +240,47 @@ def test_grpo_step_with_images_on_the_tiny_vlm(tiny_vlm_dir, rl_set, tmp_path):
     assert (tmp_path / "trajectories.jsonl").read_text().count("\n") == 8
 
 
+def test_rows_with_and_without_an_image_train_in_micro_batches_of_one(tiny_vlm_dir, rl_set, tmp_path):
+    """Notebook 01 gives only some RL dialogues an image; a micro-batch (and log-prob chunk) of one
+    row then holds a text-only row beside the rollout's image inputs, which must not reach the model."""
+    import math
+
+    model, proc, rows = _tiny_vlm_with_rows(tiny_vlm_dir, rl_set)
+    text_only = {**rows[1], "images": [], "image_refs": [],
+                 "prompt": [rows[1]["prompt"][0], {"role": "user", "content": [
+                     b for b in rows[1]["prompt"][1]["content"] if b["type"] != "image"]}]}
+    rows = [rows[0], text_only]
+    assert len(rows[0]["images"]) == 1
+    cfg = GRPORunConfig(prompts_per_step=2, num_generations=2, per_device_batch=1, max_steps=1, max_turns=1,
+                        max_new_tokens=6, lora=False, learning_rate=1e-3, beta=0.001)
+    trainer = make_trainer(model, proc, rows, tutor=varied_tutor_client(), config=cfg, output_dir=tmp_path / "t")
+    assert trainer.batching.gradient_accumulation == 4
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 1 and losses and all(math.isfinite(x) for x in losses)
+
+
+def test_image_chunks_give_each_chunk_its_own_rows_images():
+    import torch
+
+    from steerkit.grpo_trainer import image_chunks
+
+    grid = torch.tensor([[1, 2, 2], [1, 4, 2], [1, 2, 4]])  # 4, 8 and 8 pixel rows
+    pixels = torch.arange(20).unsqueeze(1)
+    mm = torch.arange(4).unsqueeze(1).repeat(1, 3)
+    chunks = image_chunks(4, 2, {"pixel_values": pixels, "image_grid_thw": grid, "num_images": [1, 0, 0, 2],
+                                 "mm_token_type_ids": mm, "compute_entropy": True})
+    assert [(a, b) for a, b, _ in chunks] == [(0, 2), (2, 4)]
+    first, second = chunks[0][2], chunks[1][2]
+    assert first["pixel_values"].flatten().tolist() == list(range(4)) and first["num_images"] == [1, 0]
+    assert second["pixel_values"].flatten().tolist() == list(range(4, 20)) and second["image_grid_thw"].shape == (2, 3)
+    assert first["mm_token_type_ids"][:, 0].tolist() == [0, 1] and second["compute_entropy"] is True
+    none = image_chunks(4, 1, {"pixel_values": pixels, "image_grid_thw": grid, "num_images": [1, 0, 0, 2]})
+    assert none[1][2]["pixel_values"] is None and none[1][2]["image_grid_thw"] is None
+    assert none[1][2]["num_images"] is None and none[3][2]["num_images"] == [2]
+    assert image_chunks(4, 2, {"pixel_values": None}) is None
+
+
 def test_a_non_finite_gradient_skips_the_update_and_is_recorded(tiny_vlm_dir, rl_set, tmp_path):
     """A NaN gradient (as bf16 on CUDA once produced) must not reach the weights: the step is skipped."""
     import math
