@@ -376,7 +376,7 @@ def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "{alpha: [0.1
     for the RL set and the bench, each cell takes one GRPO step of 2 x 2 two-turn rollouts with the
     rules tutor, and 04 replays the bench with the rules judge. ``grid`` is a YAML mapping of axes.
     """
-    from steerkit.models import build_tiny_vlm
+    from steerkit.tiny_vlm import build_tiny_vlm
 
     root = Path(runs_root) if runs_root else DEFAULT_RUNS_ROOT
     student = root / run_id / "tiny_vlm"

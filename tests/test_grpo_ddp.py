@@ -96,7 +96,7 @@ def test_two_process_grpo_launch_shares_the_work_and_ends_with_equal_weights(tin
     graded = Counter(next(i for t, i in lasts.items() if t in r.messages[-1].content) for r in tutor.calls)
     assert graded == dict.fromkeys(lasts.values(), k * turns)  # 2 steps x 2 processes x 1 prompt
     for rank in range(procs):  # each process rolled out its own B x K / procs = 2 rows per step
-        rows = re.findall(rf"\[{rank}/{procs}\] steerkit\.grpo GRPO step \d+: (\{{.*\}})", proc.stderr)
+        rows = re.findall(rf"\[{rank}/{procs}\] steerkit\.grpo_trainer GRPO step \d+: (\{{.*\}})", proc.stderr)
         assert [json.loads(r)["n"] for r in rows] == [k] * steps, proc.stderr[-3000:]
 
     # both processes hold the same trained weights, and that is what the checkpoint holds
