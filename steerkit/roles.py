@@ -117,12 +117,17 @@ class Roles:
         self._clients[role] = client
         self.bindings[role] = client.spec
 
+    def _request_options(self, role: str, spec: str) -> dict[str, object]:
+        """The options a role's requests go out with: its built client's, else parsed from the spec."""
+        options = getattr(getattr(self._clients.get(role), "backend", None), "options", None)
+        return (options or openai_backend(spec).options).manifest()
+
     def manifest(self) -> dict[str, object]:
         return {
             "bindings": dict(self.bindings),
             "same_model_tutor_judge": self.same_tutor_and_judge,
             "request_options": {
-                r: openai_backend(spec).options.manifest()
+                r: self._request_options(r, spec)
                 for r, spec in self.bindings.items() if spec.startswith("openai:")
             },
             "usage": {r: vars(c.usage) for r, c in self._clients.items()},
