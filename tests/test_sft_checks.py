@@ -47,5 +47,7 @@ def test_notebook_02_passes_its_checks_with_the_full_profiles_values(tiny_vlm_di
     summary = manifest["summary"]
     assert summary["global_step"] == summary["planned_steps"] > 10 and summary["epochs"] == pytest.approx(2.0)
     logged = [json.loads(x) for x in (done.run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert len(logged) == 1  # what the logged losses alone could not check
+    # logging every 10 steps of 18 logs step 10 and the last step (always logged): two noisy values,
+    # too few to judge training by; the probe loss on fixed rows is what the check reads
+    assert [x["step"] for x in logged] == [10, summary["global_step"]]
     assert summary["probe_loss_after"] < summary["probe_loss_before"]
