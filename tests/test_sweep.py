@@ -126,9 +126,10 @@ def test_the_smoke_profile_plans_three_alphas_by_two_seeds(
         "cell=cell-alpha_0.1-seed_0  label=GRPO-tcsr alpha 0.1 seed 0"
     )
     recipe = sw.load_recipe("full")
-    assert recipe["grid"]["alpha"] == [0.1, 0.3, 0.5, 0.7] and recipe["stages"]["03"][
-        "tutor"
-    ].startswith("openai:")
+    assert recipe["grid"]["alpha"] == [0.1, 0.3, 0.5, 0.7]
+    # the tutor is the profile's served endpoint, named once under endpoints
+    assert recipe["stages"]["03"]["tutor"] == "{policy}"
+    assert recipe["endpoints"]["policy"].startswith("openai:")
 
 
 def test_bad_grids_and_sets_are_refused_before_anything_runs(
