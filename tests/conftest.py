@@ -59,3 +59,19 @@ def loopback_server():
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vlm_dir):
+    """The tiny VLM and its processor, loaded once per test module."""
+    from steerkit.models import load_student
+
+    return load_student(tiny_vlm_dir)
+
+
+@pytest.fixture(scope="module")
+def rl_set(tmp_path_factory: pytest.TempPathFactory):
+    """Four seed-built STEER-RL scripts of three turns with packaged photos: (scripts, root)."""
+    from steerkit.rl_data import seed_rl_dialogues
+
+    return seed_rl_dialogues(tmp_path_factory.mktemp("rl"), 4, turns=3, with_images=True)

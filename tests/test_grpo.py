@@ -12,21 +12,9 @@ from steerkit.clients import ChatClient
 from steerkit.grpo import GRPORunConfig, make_trainer
 from steerkit.grpo_trainer import rollout_metrics
 from steerkit.rewards import TrajectoryReward
-from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
+from steerkit.rl_data import load_rl_dialogues, rl_rows
 from steerkit.roles import Roles
 from steerkit.rollout import RolloutConfig, RolloutSample, TurnTemplate, rollout
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_vlm_dir):
-    from steerkit.models import load_student
-
-    return load_student(tiny_vlm_dir)
-
-
-@pytest.fixture(scope="module")
-def rl_set(tmp_path_factory):
-    return seed_rl_dialogues(tmp_path_factory.mktemp("rl"), 4, turns=3, with_images=True)
 
 
 def samples_from(rows, k):

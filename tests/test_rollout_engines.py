@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from steerkit.grpo import GRPORunConfig, make_trainer
-from steerkit.rl_data import rl_rows, seed_rl_dialogues
+from steerkit.rl_data import rl_rows
 from steerkit.rollout import RolloutConfig, RolloutSample, rollout
 from steerkit.rollout_vllm import SUPPRESS_BIAS, VLLMTurns
 
@@ -194,18 +192,6 @@ class ContractVLLMClient:
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_vlm_dir):
-    from steerkit.models import load_student
-
-    return load_student(tiny_vlm_dir)
-
-
-@pytest.fixture(scope="module")
-def rl_set(tmp_path_factory):
-    return seed_rl_dialogues(tmp_path_factory.mktemp("rl"), 4, turns=3, with_images=True)
 
 
 def samples_from(rows, k):
