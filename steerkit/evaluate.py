@@ -29,6 +29,7 @@ from steerkit.clients import ChatClient, Sampling, run_sync
 from steerkit.converse import STUDENT_SYSTEM, DialogueState, StaticUser, play, student_system_prompt
 from steerkit.judge import (
     JUDGE_PROMPT,
+    JUDGE_REASKS,
     JUDGE_SAMPLING,
     RISK_SCALE,
     RiskInfo,
@@ -152,7 +153,8 @@ def turn_metrics(dialogues: Iterable[Dialogue], *, kind: str = "judge") -> list[
     out = []
     for n in range(1, max([*scored, *unscored], default=0) + 1):
         rows = scored.get(n, [])
-        means = {f"{kind}/{name}": sum(r[name] for r in rows) / len(rows) for name in sorted({*rows[0]})} if rows else {}
+        means = ({f"{kind}/{name}": sum(r[name] for r in rows) / len(rows) for name in sorted({*rows[0]})}
+                 if rows else {})
         out.append({"turn": float(n), **means, f"{kind}/unscored_turns": float(unscored[n])})
     return out
 
@@ -289,8 +291,9 @@ def evaluate(
         "student": student.spec, "judge": judge.spec, "prompt": prompt, "student_system": STUDENT_SYSTEM,
         "max_turns": max_turns, "chunk_size": chunk_size, "risk_scale": list(risk_scale),
         "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling), "image_root": str(root or ""),
-        # method.md 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy.
-        "judge_retries": judge.retry.max_retries,
+        # method.md 6: the paper's judge had up to 3 retries; ours are the judge client's RetryPolicy
+        # for failed calls and re-asks (reask@1) for replies that do not parse.
+        "judge_retries": judge.retry.max_retries, "judge_reasks": JUDGE_REASKS,
         "served": dict(served) if served else None,
     }
     log.info("evaluate: %d items, %d already done, %d to play", len(items), len(items) - len(todo), len(todo))

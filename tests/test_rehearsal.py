@@ -184,3 +184,17 @@ def test_served_over_http(loopback_server) -> None:
     client = OpenAICompatBackend(model="m", base_url=server.base_url)
     (reply,) = asyncio.run(client.generate([Request(rendered("plan", FIELDS["plan"]))]))
     assert json.loads(reply.text)["total_turns"] == 4
+
+
+def test_a_reasked_judge_request_is_read_back_and_counted() -> None:
+    """The judge asks again with its unreadable reply and reask@1 after the request (steerkit.judge);
+    the rehearsal server reads the original request back and answers it, and counts the re-ask."""
+    from steerkit.judge import reask_request
+
+    fields = turn_fields(dialogue("I can't help with that."), 2, risk=RiskInfo())
+    request = turn_request(fields, load_prompt("judge"))
+    again = reask_request(request, "I would rather not grade this.")
+    backend = RehearsalBackend()
+    served = backend.answer(Request(again.messages))
+    assert json.loads(served.text) == json.loads(rules_reply(request))
+    assert backend.counts == {"judge": 1} and backend.reasked == 1

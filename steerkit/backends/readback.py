@@ -72,6 +72,16 @@ def recognise(messages: Sequence[Message]) -> str | None:
     return next((name for head, name in _openings() if system.startswith(head)), None)
 
 
+def without_reasks(messages: Sequence[Message]) -> list[Message]:
+    """The prompt's own messages: a judge asked again (`steerkit.judge.reask_request`) carries its
+    unreadable reply and the ``reask@1`` message after them, once per re-ask."""
+    note = load_prompt("reask").user.strip()
+    out = list(messages)
+    while len(out) > 2 and out[-1].role == "user" and out[-1].content.strip() == note and out[-2].role == "assistant":
+        out = out[:-2]
+    return out
+
+
 class Unreadable(ValueError):
     """A recognised prompt whose rendered user message does not have the template's shape."""
 
@@ -320,6 +330,7 @@ class RehearsalBackend:
             Counter()
         )  # prompt name (or unrecognised, unreadable) per request
         self.flawed: Counter[str] = Counter()  # "<prompt>:<flaw>" per flawed reply
+        self.reasked = 0  # requests that asked again after an unreadable verdict (reask@1)
         self._seen: Counter[str] = Counter()
 
     async def generate(self, requests: list[Request]) -> list[Reply]:
@@ -337,7 +348,10 @@ class RehearsalBackend:
             digest
         ]  # a retried request gets another draw, as a sampled model would
         self._seen[digest] += 1
-        name = recognise(request.messages)
+        messages = without_reasks(request.messages)
+        if len(messages) < len(request.messages):
+            self.reasked += 1
+        name = recognise(messages)
         if name is None:
             self.counts["unrecognised"] += 1
             return Reply(
@@ -345,9 +359,9 @@ class RehearsalBackend:
                 model=self.model,
             )
         try:
-            fields = read_fields(name, request.messages)
+            fields = read_fields(name, messages)
             rebuilt = Request(
-                list(request.messages),
+                list(messages),
                 sampling=request.sampling,
                 sample_index=arrival,
                 task=name,
