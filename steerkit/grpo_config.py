@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from steerkit.layout import MAX_TURNS
+from steerkit.parameters import named_fields
 from steerkit.rewards import TCSR_ALPHA
 
 NUM_GENERATIONS = 5  # method.md 4: K = 5 trajectories per sample
@@ -122,8 +123,7 @@ class GRPORunConfig:
         >>> c.alpha, c.seed
         (0.5, 4)
         """
-        names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+        return cls(**{**named_fields(cls, values), **overrides})
 
 
 def batching_of(config: GRPORunConfig) -> Any:

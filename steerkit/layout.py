@@ -34,9 +34,18 @@ TRAJECTORIES_FILE = "trajectories.jsonl"  # every rolled-out trajectory, as text
 
 # Stage IV (04_steer_bench_analysis) and any evaluation run.
 DIALOGUES_FILE = "dialogues.jsonl"
+RATES_FILE = "rates.csv"  # Safety and Helpfulness per model and subset, with bootstrap intervals
+SURVIVAL_FILE = "survival.csv"  # Kaplan-Meier curves per model and subset
+FAILURE_TURNS_FILE = "failure_turns.csv"  # first failing turn per model and subset
+RESULTS_FILE = "metrics.json"  # an analysis run's results and the runs they came from (04 and 05)
 
 # The pipeline (steerkit run).
 PIPELINE_MANIFEST = "pipeline.json"
 
 # A sweep (steerkit sweep): the cells of its grid, their parameters and run directories.
 SWEEP_MANIFEST = "sweep.json"
+
+# A study (05_studies) over a sweep.
+TIDY_FILE = "tidy.csv"  # one row per run x subset x metric
+OVER_SEEDS_FILE = "over_seeds.csv"  # each arm's mean and interval across seeds
+PAIRED_FILE = "paired.csv"  # paired differences between arms, item by item

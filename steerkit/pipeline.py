@@ -93,7 +93,7 @@ class Stage:
 #: so a kill during the second does not repeat the first.
 STAGES: tuple[Stage, ...] = (
     Stage("01", "01", "synth"),
-    Stage("02", "02", "sft", inputs={"data_run": "{01}"}),
+    Stage("02", "02", "sft", inputs={"synth_run": "{01}"}),
     Stage("03_tcsr", "03", "grpo-tcsr", inputs={"synth_run": "{01}", "sft_run": "{02}"}),
     Stage("03_mean", "03", "grpo-mean", inputs={"synth_run": "{01}", "sft_run": "{02}"}),
     Stage(
@@ -151,14 +151,16 @@ def load_recipe(profile: str | None = None, configs: Sequence[str | Path] = ()) 
     recipe: dict[str, Any] = {"profile": profile, "offline": False, "stages": {}, "recipe_files": []}
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist (profiles: smoke, full, full_7b; or give a YAML path)")
+            raise FileNotFoundError(
+                f"recipe {path} does not exist (profiles: smoke, full, full_7b; or give a YAML path)")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
             raise ValueError(f"{path}: a recipe is a mapping with an optional 'stages' mapping")  # noqa: TRY004 - a bad file, not a bad call
         unknown = set(data) - {"offline", "stages", "description", "endpoints"}
         if unknown:
             raise ValueError(
-                f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))}; use offline, stages, endpoints, description"
+                f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))};"
+                " use offline, stages, endpoints, description"
             )
         endpoints = data.get("endpoints") or {}
         if not isinstance(endpoints, dict) or not all(
@@ -212,7 +214,8 @@ class Pipeline:
         wanted = [w.strip() for w in wanted if w.strip()]
         unknown = [w for w in wanted if not any(w in (s.key, s.notebook) for s in self.stages)]
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(s.key for s in self.stages)}")
+            raise ValueError(
+                f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(s.key for s in self.stages)}")
         return [s for s in self.stages if s.key in wanted or s.notebook in wanted]
 
     @property
@@ -224,7 +227,8 @@ class Pipeline:
             if scope == "endpoints":
                 if name not in out:
                     raise ValueError(
-                        f"--set {text!r}: no endpoint {name!r}; the recipe's endpoints are {', '.join(sorted(out)) or 'none'}"
+                        f"--set {text!r}: no endpoint {name!r};"
+                        f" the recipe's endpoints are {', '.join(sorted(out)) or 'none'}"
                     )
                 out[name] = str(value)
         return out
@@ -356,7 +360,8 @@ class Pipeline:
                 raise
             record.update(
                 run_dir=str(done.run_dir), executed_notebook=str(done.executed_notebook),
-                seconds=round(done.seconds, 1), kernel_cpu_seconds=round(done.kernel_cpu_seconds, 1), finished_at=_dt.datetime.now(_dt.UTC).isoformat(),
+                seconds=round(done.seconds, 1), kernel_cpu_seconds=round(done.kernel_cpu_seconds, 1),
+                finished_at=_dt.datetime.now(_dt.UTC).isoformat(),
             )
             if not self.stage_finished(record):
                 record["status"] = "failed"
@@ -364,7 +369,8 @@ class Pipeline:
                 atomic_write_json(self.manifest_path, manifest)
                 raise RuntimeError(
                     f"stage {stage.key}: {record['notebook']} ran to the end but its run manifest"
-                    f" {done.run_dir / MANIFEST_FILE} does not say status 'finished' (the notebook must call run.finish())"
+                    f" {done.run_dir / MANIFEST_FILE} does not say status 'finished'"
+                    " (the notebook must call run.finish())"
                 )
             record["status"] = "finished"
             atomic_write_json(self.manifest_path, manifest)

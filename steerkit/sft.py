@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from typing import Any
 from steerkit.checkpoints import last_complete_checkpoint
 from steerkit.distributed import distributed_state
 from steerkit.layout import CHECKPOINT, MANIFEST_FILE, TRAINER_DIR
+from steerkit.parameters import named_fields
 from steerkit.runs import DEFAULT_RUNS_ROOT, Run, new_run_id, open_run
 from steerkit.sft_trainer import build_trainer, save_final
 
@@ -107,8 +109,15 @@ class SFTRecipe:
         values.update(overrides)
         known = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(values) - known):
-            raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         return cls(**values)
+
+    @classmethod
+    def from_parameters(cls, path: str | Path, values: Mapping[str, Any], **overrides: Any) -> SFTRecipe:
+        """The recipe file at ``path``, then the fields named in ``values`` (notebook 02's ``globals()``;
+        other names are ignored), then ``overrides`` for fields the notebook names otherwise."""
+        return cls.from_yaml(path, **named_fields(cls, values) | overrides)
 
     def parameters(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in LOCATION_FIELDS}

@@ -1,11 +1,10 @@
-"""Stage II's data: STEER-SFT dialogues read and checked, turned into TRL rows, and a smoke set.
+"""Stage II's data: STEER-SFT dialogues read and checked, turned into TRL rows.
 
 - `read_dialogues`, `load_captions`, `sft_rows`: the dialogues of a STEER-SFT file (every one ending
   with the assistant's turn), the captions a text-only student reads in place of images (the recipe's
   file, ``captions.json`` beside the data, or the record's ``meta.captions``), and TRL conversational
   rows under the student's system prompt;
 - `turns_past_max_length`: the assistant turns the trainer would cut off unseen;
-- `offline_sft_data`: a small STEER-SFT set made offline with the ``rules`` roles (smoke runs);
 - `first_turn_requests` and `answers`: the student's first-turn answers, to compare before and after
   training (notebook 02).
 """
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from steerkit.layout import CAPTIONS_FILE, RL_FILE, SFT_FILE
-from steerkit.runs import open_run
 from steerkit.schema import Dialogue, Message, RecordError, parse_line
 
 
@@ -176,27 +174,7 @@ def data_summary(dialogues: list[tuple[int, Dialogue]]) -> dict[str, Any]:
     }
 
 
-# ---- data for smoke runs, and answers before and after -------------------------------------------
-
-
-def offline_sft_data(runs_root: str | Path | None = None, *, run_id: str = "offline-sft", n_benign: int = 12,
-                     n_harmful: int = 12, seed: int = 0) -> Path:
-    """A small STEER-SFT set made offline, as a Stage I run directory (``01_synthesize_steer/<run_id>``).
-
-    Stages I and II with the ``rules`` roles (template generator, keyword red user, blue expert and
-    evaluator; `steerkit.synth`) on ``n_benign`` benign and ``n_harmful`` progressive-disclosure seeds,
-    without the red-team module (it needs a target model). For smoke runs and the tutorial; a real run
-    names notebook 01's run directory instead.
-    """
-    from steerkit.roles import Roles
-    from steerkit.synth.synthesize import SynthParams, synthesize
-
-    params = SynthParams(seed=seed, n_benign=n_benign, n_obfuscated=n_harmful, n_redteam=0, bench_share=0.0)
-    roles = dict.fromkeys(("generator", "target", "red_user", "blue_expert", "evaluator"), "rules")
-    run = open_run("01_synthesize_steer", run_id=run_id, root=runs_root, roles=roles,
-                   parameters={**params.manifest(), "roles": roles}, seeds={"seed": seed})
-    synthesize(run, Roles(roles, cache_dir=run.file("cache"), seed=seed), params)
-    return run.path
+# ---- answers before and after ---------------------------------------------------------------------
 
 
 def first_turn_requests(data: str | Path, *, n: int | None = None, max_tokens: int = 64, split: str = RL_FILE):

@@ -235,7 +235,7 @@ class Sweep:
             stages.append(pl.Stage("01", "01", "synth"))
             synth = "{01}"
         if sft is None:
-            stages.append(pl.Stage("02", "02", "sft", inputs={"data_run": synth}))
+            stages.append(pl.Stage("02", "02", "sft", inputs={"synth_run": synth}))
             sft = "{02}"
         for c in cells:
             inputs = {"synth_run": synth, "sft_run": sft}
@@ -395,7 +395,7 @@ def tiny_sweep(runs_root: str | Path | None = None, *, grid: str = "{alpha: [0.1
         "03": {"student": str(student), "n_prompts": 2, "prompts_per_step": 2, "num_generations": 2,
                "max_steps": 1, "max_turns": 2, "max_new_tokens": 8},
         "04": {"student": f"hf:{student}", "max_turns": 2, "max_tokens": 8, "n_resamples": 200,
-               "save_png": False},
+               "figure_png": False},
     }
     Sweep(recipe, run_id, runs_root=root, notebooks_dir=notebooks_dir).run()
     return root / run_id

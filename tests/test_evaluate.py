@@ -275,3 +275,49 @@ def test_evaluate_with_a_real_local_vlm_student(tmp_path: Path, tiny_vlm_dir: Pa
     # An untrained model writes no <answer> block: helpfulness 0 by rule, on every turn.
     assert {v.scores["helpfulness"] for d in out for v in d.verdicts} == {0}
     assert student.usage.calls == 7  # one reply per turn: 3 + 2 + 2
+
+
+def test_stage_04_calls_evaluate_each_row_and_write_the_tables(tmp_path: Path) -> None:
+    """`steerkit.evaluation_run` as notebook 04 calls it: parameters in the manifest, the bench cut to
+    n_items, one subfolder per row, the tables and metrics.json written, the run finished; a rerun
+    resumes instead of evaluating again."""
+    from steerkit import evaluation_run as er
+    from steerkit import frames, metrics
+    from steerkit.layout import FAILURE_TURNS_FILE, RATES_FILE, RESULTS_FILE, SURVIVAL_FILE
+
+    path, _ = bench(tmp_path)
+    p = er.EvaluationParameters(runs_root=str(tmp_path / "runs"), run_id="e", bench=str(path),
+                                student="scripted:refuser", n_items=3, max_turns=2, report_to="none")
+    run = er.open_evaluation(p)
+    data = er.prepare_bench(run, p)
+    assert [i.question_id for i in data.items] == ["esc-1", "esc-2", "ben-1"] and data.file == path
+    assert er.evaluate_models(run, data, p) == ["base"]
+    turns = frames.turns_df(frames.evaluations(run.path))
+    dialogues = metrics.dialogue_summary(turns, carry=("label", "subset", "category"))
+    assert sorted(dialogues.dialogue_id) == ["ben-1", "esc-1", "esc-2"] and turns.turn.max() == 2
+    summary = er.write_tables(
+        run, rates=metrics.multi_turn_rates(dialogues), curves=metrics.survival_curves(dialogues, by=("label",)),
+        failures=metrics.failure_turns(dialogues, by=("label",)), turns=turns, sources=["base"],
+        figures_dir=tmp_path / "figures")
+    assert summary["dialogues"] == 3 and summary["evaluations"] == 1
+    for name in (RATES_FILE, SURVIVAL_FILE, FAILURE_TURNS_FILE, RESULTS_FILE):
+        assert (run.path / name).is_file(), name
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["parameters"]["n_items"] == 3
+    assert manifest["parameters"]["fail_below"] == metrics.FAIL_BELOW and "report_to" not in manifest["parameters"]
+    before = (run.path / "base" / "dialogues.jsonl").read_text()
+    again = er.open_evaluation(p)
+    er.evaluate_models(again, er.prepare_bench(again, p), p)  # finished rows: nothing replayed
+    assert (run.path / "base" / "dialogues.jsonl").read_text() == before
+
+
+def test_stage_04_rows_and_comparisons(tmp_path: Path) -> None:
+    from steerkit import evaluation_run as er
+
+    p = er.EvaluationParameters(model_runs=f"{tmp_path}/sft, {tmp_path}/grpo-tcsr")
+    assert er.students_of(p) == {"base": "smollm2", "sft": f"hf:{tmp_path.resolve()}/sft/checkpoint",
+                                 "grpo-tcsr": f"hf:{tmp_path.resolve()}/grpo-tcsr/checkpoint"}
+    compare = er.EvaluationParameters(eval_runs="a,b", labels="x, y", runs_root=str(tmp_path))
+    assert er.students_of(compare) == {} and compare.labels == ["x", "y"]
+    data = er.prepare_bench(er.open_evaluation(compare), compare)  # comparing needs no bench
+    assert data.items == [] and data.file is None

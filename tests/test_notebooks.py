@@ -4,8 +4,8 @@ nbval runs the source notebooks with their own defaults (``make test`` passes ``
 ``--nbval-lax``); this file checks what nbval cannot see: the parameter plumbing between stages.
 The whole smoke pipeline runs once into tmp_path (`steerkit.pipeline` with the ``smoke`` recipe at
 smaller sizes, so the demo's recipe and its parameter names are exercised too), then each stage's run
-directory is checked against the contract of papermill_runs/README.md: manifest fields, data files that parse back into schema records, the
-executed notebook kept, figures with their sidecars.
+directory is checked against the contract of papermill_runs/README.md: manifest fields, data files that
+parse back into schema records, the executed notebook kept, figures with their sidecars.
 """
 
 from __future__ import annotations
@@ -47,6 +47,51 @@ def test_source_notebook_is_committed_clean(path: Path) -> None:
         assert not defs, f"{path.name}: define {[d.name for d in defs]} in steerkit, not in the notebook"
 
 
+#: Each stage notebook's config object, and the notebook's parameters that are not its fields: where the
+#: run lives, what it reads from earlier stages, what the notebook itself shows.
+STAGE_CONFIGS = {
+    "01_synthesize_steer": ("steerkit.synth.synthesize", "SynthParams", {
+        "runs_root", "run_id", "generator", "target", "red_user", "blue_expert", "evaluator", "figure_png",
+        "show_dialogues"}),
+    "02_sft_bootstrap": ("steerkit.sft", "SFTRecipe", {
+        "recipe_file", "synth_run", "n_prompts", "max_new_tokens", "figure_png"}),
+    "03_grpo_tutor_tcsr": ("steerkit.grpo_config", "GRPORunConfig", {
+        "synth_run", "sft_run", "compare_aggregator", "figure_png", "show_trajectories"}),
+    "04_steer_bench_analysis": ("steerkit.evaluation_run", "EvaluationParameters", {"figures_dir", "figure_png"}),
+}
+
+
+@pytest.mark.parametrize("stem", sorted(STAGE_CONFIGS))
+def test_every_parameter_reaches_the_stage_config_by_its_name(stem: str) -> None:
+    """The notebooks hand their parameters to the package once (``X.from_parameters(globals())``), which
+    takes the names that are fields and ignores the rest: a parameter renamed on one side only would be
+    dropped without a word. So every parameter is a field or one of the notebook's own, and no own
+    name shadows a field."""
+    import dataclasses
+    import importlib
+
+    import papermill
+
+    module, name, own = STAGE_CONFIGS[stem]
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    params = set(papermill.inspect_notebook(str(REPO_ROOT / "notebooks" / f"{stem}.ipynb")))
+    assert params - fields == own, f"{stem}: parameters that are not {name} fields: {sorted(params - fields)}"
+    assert not own & fields
+
+
+def test_notebook_04_defaults_are_the_evaluation_defaults() -> None:
+    """Notebook 04's defaults and `EvaluationParameters`' are one set of values (every field is a parameter)."""
+    import dataclasses
+
+    import papermill
+
+    from steerkit.evaluation_run import EvaluationParameters
+
+    declared = papermill.inspect_notebook(str(REPO_ROOT / "notebooks" / "04_steer_bench_analysis.ipynb"))
+    for f in dataclasses.fields(EvaluationParameters):
+        assert ast.literal_eval(declared[f.name]["default"]) == f.default, f.name
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_papermill_reads_every_parameter_of_the_parameters_cell(path: Path) -> None:
     """papermill's own reading of the cell (what `papermill --help-notebook` shows and what it checks
@@ -82,7 +127,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     figures = tmp_path_factory.mktemp("figures")
     pipe = pl.Pipeline(pl.load_recipe("smoke"), "smoke", runs_root=runs, sets=[*SMALLER, f"04.figures_dir={figures}"])
     manifest = pipe.run()
-    return {"manifest": manifest, "figures": figures, "run": {k: Path(v["run_dir"]) for k, v in manifest["stages"].items()}}
+    runs = {k: Path(v["run_dir"]) for k, v in manifest["stages"].items()}
+    return {"manifest": manifest, "figures": figures, "run": runs}
 
 
 def read_json(path: Path) -> Any:
@@ -121,7 +167,8 @@ def test_run_manifest_contract(smoke: dict[str, Any], key: str) -> None:
     manifest = read_json(smoke["run"][key] / "manifest.json")
     missing = [f for f in MANIFEST_FIELDS if f not in manifest]
     assert not missing, f"{key}: manifest lacks {missing}"
-    assert manifest["status"] == "finished" and manifest["run_id"] == pl.STAGES[[s.key for s in pl.STAGES].index(key)].run_id
+    stage = pl.STAGES[[s.key for s in pl.STAGES].index(key)]
+    assert manifest["status"] == "finished" and manifest["run_id"] == stage.run_id
     assert manifest["git"]["commit"] and manifest["packages"]["torch"]
 
 

@@ -26,7 +26,7 @@ from steerkit.runs import REPO_ROOT
 #: The run-directory parameters each stand-in reads (as the pipeline's STAGES wire them).
 INPUTS = {
     "01": [],
-    "02": ["data_run"],
+    "02": ["synth_run"],
     "03": ["synth_run", "sft_run"],
     "04": ["synth_run", "model_runs"],
 }
@@ -116,7 +116,8 @@ def test_failing_cell_names_the_executed_notebook(stand_ins: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_pipeline_wires_run_dirs_and_skips_finished_stages(stand_ins: Path, tmp_path: Path) -> None:
-    pipe = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p1", runs_root=tmp_path / "runs", notebooks_dir=stand_ins)
+    pipe = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p1", runs_root=tmp_path / "runs",
+                       notebooks_dir=stand_ins)
     manifest = pipe.run()
     assert manifest["status"] == "finished"
     stages = manifest["stages"]
@@ -131,7 +132,8 @@ def test_pipeline_wires_run_dirs_and_skips_finished_stages(stand_ins: Path, tmp_
     assert all(v["kernel_cpu_seconds"] > 0 for v in stages.values())  # the kernel's CPU time is counted
     assert (tmp_path / "runs" / "p1" / "pipeline.json").exists()
     # Started again: nothing reruns.
-    again = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p1", runs_root=tmp_path / "runs", notebooks_dir=stand_ins).run()
+    again = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p1", runs_root=tmp_path / "runs",
+                        notebooks_dir=stand_ins).run()
     assert again["status"] == "finished" and len(again["resumed_at"]) == 1
     assert all(executions(p) == 1 for p in run.values())
     # Another value for a finished stage is an error, not a silent mix of two recipes.
@@ -142,7 +144,8 @@ def test_pipeline_wires_run_dirs_and_skips_finished_stages(stand_ins: Path, tmp_
 
 
 def test_selected_stage_needs_its_inputs_finished(stand_ins: Path, tmp_path: Path) -> None:
-    pipe = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p2", runs_root=tmp_path / "runs", notebooks_dir=stand_ins)
+    pipe = pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path)]), "p2", runs_root=tmp_path / "runs",
+                       notebooks_dir=stand_ins)
     with pytest.raises(RuntimeError, match="stage 02 reads stage 01's run, which has not finished"):
         pipe.run(["02"])
 
@@ -155,7 +158,8 @@ def test_recipe_and_set_precedence(stand_ins: Path, tmp_path: Path) -> None:
     assert pipe.parameters(pipe.stage("03_tcsr")) == {"hold_file": "a", "aggregator": "tcsr", "fail": True}
     assert pipe.parameters(pipe.stage("03_mean")) == {"hold_file": "b", "aggregator": "mean", "fail": True}
     with pytest.raises(ValueError, match="no stage '05'"):
-        pl.Pipeline(pipe.recipe, "p3", runs_root=tmp_path / "runs", notebooks_dir=stand_ins, sets=["05.x=1"]).check(pipe.stages)
+        pl.Pipeline(pipe.recipe, "p3", runs_root=tmp_path / "runs", notebooks_dir=stand_ins,
+                    sets=["05.x=1"]).check(pipe.stages)
     with pytest.raises(ValueError, match="unknown parameter"):
         pl.Pipeline(pl.load_recipe(None, [recipe(tmp_path, **{"02": {"alpha": 1}})]), "p3",
                     runs_root=tmp_path / "runs", notebooks_dir=stand_ins).check(pipe.stages)
@@ -219,10 +223,10 @@ def test_stage_command_runs_one_notebook_with_inputs_from_set(stand_ins: Path, t
     base = ["--profile", "none", "--notebooks-dir", str(stand_ins), "--runs-root", str(tmp_path / "runs")]
     assert main(["stage", "01", *base, "--run-id", "alone"]) == 0
     synth = tmp_path / "runs" / "alone" / "01_stand_in" / "synth"
-    assert main(["stage", "02", *base, "--run-id", "alone2", "--set", f"data_run={synth}"]) == 0
+    assert main(["stage", "02", *base, "--run-id", "alone2", "--set", f"synth_run={synth}"]) == 0
     sft = json.loads((tmp_path / "runs" / "alone2" / "02_stand_in" / "sft" / "manifest.json").read_text())
     assert sft["summary"]["handed"] == [str(synth)]
-    assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "data_runn=x"]) == 1  # typo named, not run
+    assert main(["stage", "02", *base, "--run-id", "alone3", "--set", "synth_runn=x"]) == 1  # typo named, not run
 
 
 def test_command_line_help_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

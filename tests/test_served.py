@@ -72,10 +72,31 @@ def test_a_checkpoint_evaluated_through_its_server(tmp_path: Path, tiny_vlm_dir:
     assert manifest["status"] == "finished"
 
 
-def test_notebook_04_declares_served_and_passes_it_on() -> None:
+def test_notebook_04_evaluates_a_served_row_through_its_server(tmp_path: Path, tiny_vlm_dir: Path,
+                                                              loopback_server) -> None:
+    """Notebook 04's ``served`` parameter reaches `steerkit.evaluation_run`: the row it names is replayed
+    by its server and recorded so, the base student in process."""
+    from steerkit import evaluation_run as er
     from steerkit.notebooks import notebook_parameters
 
     nb = Path(__file__).resolve().parent.parent / "notebooks" / "04_steer_bench_analysis.ipynb"
     assert notebook_parameters(nb)["served"] == ""
-    source = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
-    assert "served_students(students, served)" in source and "served=served_rows.get(name)" in source
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    (run_dir / "checkpoint").symlink_to(tiny_vlm_dir, target_is_directory=True)
+    ckpt = run_dir / "checkpoint"
+    server = loopback_server(backend=make_backend(f"hf:{ckpt}"), model=str(ckpt))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "benign", "messages_fixed": [
+        {"role": "user", "content": f"Name {i + 2} prime numbers."}, {"role": "user", "content": "And their sum?"}]})
+        + "\n" for i in range(2)))
+    p = er.EvaluationParameters(runs_root=str(tmp_path / "runs"), run_id="e", bench=str(bench), model_runs=str(run_dir),
+                                served=f"sft={server.base_url}", student=f"hf:{tiny_vlm_dir}", max_turns=2,
+                                max_tokens=6)
+    run = er.open_evaluation(p)
+    assert er.evaluate_models(run, er.prepare_bench(run, p), p) == ["base", "sft"]
+    assert server.stats()["outcomes"].get("ok") == 4  # the sft row's 2 x 2 turns, none of base's
+    evaluation = {row: json.loads((run.path / row / "manifest.json").read_text())["evaluation"]
+                  for row in ("base", "sft")}
+    assert evaluation["sft"]["served"]["url"] == server.base_url and evaluation["base"]["served"] is None
+    assert evaluation["sft"]["student"] == f"openai:{ckpt}@{server.base_url}"

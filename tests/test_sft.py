@@ -34,7 +34,8 @@ def make_dialogues(folder: Path, n: int = 6) -> Path:
             Message(role="user", content=f"What is in picture {i}?", images=["images/red.png"] if i % 2 == 0 else []),
             Message(role="assistant", content=f"<thinking>look {i}</thinking><answer>A colour {i}.</answer>"),
             Message(role="user", content="And this one?", images=["images/blue.png"] if i % 3 == 0 else []),
-            Message(role="assistant", content=f"<thinking>risky</thinking><answer>I can't help with that {i}.</answer>"),
+            Message(role="assistant",
+                    content=f"<thinking>risky</thinking><answer>I can't help with that {i}.</answer>"),
         ]))
     write_jsonl(rows, folder / "steer_sft.jsonl")
     (folder / "captions.json").write_text(json.dumps(CAPTIONS))
@@ -121,7 +122,8 @@ def test_a_dialogue_ending_on_a_user_turn_is_refused(tmp_path: Path) -> None:
 
 def test_offline_sft_data_and_held_out_first_turns(tmp_path: Path) -> None:
     from steerkit.converse import student_system_prompt
-    from steerkit.sft_data import first_turn_requests, offline_sft_data
+    from steerkit.sft_data import first_turn_requests
+    from steerkit.smoke_inputs import offline_sft_data
 
     data = offline_sft_data(tmp_path, run_id="data", n_benign=4, n_harmful=4)
     assert read_dialogues(data / "steer_sft.jsonl")
@@ -178,7 +180,8 @@ def test_loss_mask_is_exactly_the_assistant_turns_on_a_vlm_with_images(
 def test_loss_mask_is_exactly_the_assistant_turns_on_smollm2_with_captions(
     smollm2_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    recipe = SFTRecipe(student=str(smollm2_dir), data=str(data_dir), finetune="lora", max_length=512, runs_root=str(tmp_path))
+    recipe = SFTRecipe(student=str(smollm2_dir), data=str(data_dir), finetune="lora", max_length=512,
+                       runs_root=str(tmp_path))
     trainer, info = build_trainer(recipe, tmp_path)
     assert not info["vision"] and info["captions_source"].endswith("captions.json")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
@@ -209,7 +212,8 @@ def test_turns_cut_by_max_length_are_counted_as_the_trainer_cuts_them(
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     end = "<|im_end|>\n" if model == "tiny_vlm" else "<|im_end|>"
     seen = masked_in_spans(batch, tok)
-    lost = sum(t + end not in spans for spans, texts in zip(seen, assistant_texts(data_dir), strict=True) for t in texts)
+    lost = sum(t + end not in spans
+               for spans, texts in zip(seen, assistant_texts(data_dir), strict=True) for t in texts)
     assert lost > 0
     assert info["max_length_cut"]["assistant_turns_cut"] == lost
     assert info["max_length_cut"]["dialogues_cut"] == sum(
@@ -308,7 +312,8 @@ def test_killed_training_resumes_to_the_same_step_count_and_a_loadable_checkpoin
     assert resumed_losses == pytest.approx(straight_losses, rel=1e-4)
 
     backend = HFLocalBackend.from_pretrained(run_dir / CHECKPOINT)
-    (reply,) = backend.generate_sync([Request([Message(role="user", content="Hello")], sampling=Sampling(max_tokens=4))])
+    (reply,) = backend.generate_sync([Request([Message(role="user", content="Hello")],
+                                              sampling=Sampling(max_tokens=4))])
     assert reply.ok and reply.completion_tokens > 0
 
 

@@ -29,7 +29,7 @@ from steerkit.runs import REPO_ROOT
 PARAMS = {
     "01": ["seed = 0  # int"],
     "02": [
-        'data_run = ""  # str',
+        'synth_run = ""  # str',
         'student = ""  # str: a checkpoint folder handed on as the SFT checkpoint',
     ],
     "03": [
@@ -326,9 +326,9 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory, tiny_vlm_dir: Path) -> 
                         "max_turns": 2,
                         "max_tokens": 8,
                         "n_resamples": 100,
-                        "save_png": False,
+                        "figure_png": False,
                     },
-                    "05": {"n_resamples": 100, "figures_dir": str(figures), "save_png": True},
+                    "05": {"n_resamples": 100, "figures_dir": str(figures), "figure_png": True},
                 },
             }
         )

@@ -26,11 +26,13 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steerkit import layout
+from steerkit.parameters import named_fields
 from steerkit.progress import Progress
 from steerkit.roles import Roles
 from steerkit.runs import Run, atomic_write_json, atomic_write_text
@@ -96,6 +98,15 @@ class SynthParams:
     rl_share: float = 0.5
     rl_min_turns: int = 3
     chunk_size: int = 16
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any]) -> SynthParams:
+        """The fields named in ``values`` (notebook 01's ``globals()``); other names are ignored.
+
+        >>> SynthParams.from_parameters({"n_benign": 2, "generator": "rules"}).n_benign
+        2
+        """
+        return cls(**named_fields(cls, values))
 
     def manifest(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
