@@ -148,15 +148,18 @@ def rank_agreement(pairs: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.DataFra
 
     Columns: the ``by`` columns, ``tutor_score``, ``judge_score``, ``n_turns`` (turns in the
     frame), ``n_scored`` (scored by both: the figures use these), ``tutor_unscored``,
-    ``judge_unscored``, ``spearman``, ``spearman_p``, ``kendall``, ``kendall_p`` (NaN when fewer
-    than 3 turns or a constant side).
+    ``judge_unscored``, ``spearman``, ``spearman_p``, ``kendall``, ``kendall_p``, and ``undefined``:
+    why the coefficients are NaN ("" when they are not): fewer than 3 turns scored by both, or one
+    grader gave every such turn the same score (rank agreement is not defined then).
 
     >>> import pandas as pd
     >>> p = pd.DataFrame({"safety": [1, 8, 10, 5], "harmlessness": [-3, 2, 3, float("nan")],
     ...                   "usefulness": [1, 8, 10, 3], "helpfulness": [0, 2, 3, 1]})
     >>> r = rank_agreement(p)
     >>> r[["tutor_score", "n_scored", "judge_unscored", "spearman", "kendall"]].to_dict("records")
-    [{'tutor_score': 'safety', 'n_scored': 3, 'judge_unscored': 1, 'spearman': 1.0, 'kendall': 1.0}, {'tutor_score': 'usefulness', 'n_scored': 4, 'judge_unscored': 0, 'spearman': 1.0, 'kendall': 1.0}]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [{'tutor_score': 'safety', 'n_scored': 3, 'judge_unscored': 1, 'spearman': 1.0, 'kendall': 1.0},
+     {'tutor_score': 'usefulness', 'n_scored': 4, 'judge_unscored': 0, 'spearman': 1.0, 'kendall': 1.0}]
     """
     import warnings
 
@@ -171,7 +174,8 @@ def rank_agreement(pairs: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.DataFra
             x, y = g[ts].astype(float), g[js].astype(float)
             both = x.notna() & y.notna()
             rho = rho_p = tau = tau_p = math.nan
-            if both.sum() >= 3 and x[both].nunique() > 1 and y[both].nunique() > 1:
+            undefined = _why_undefined(x[both], y[both], ts, js)
+            if not undefined:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     rho, rho_p = spearmanr(x[both], y[both])
@@ -179,8 +183,18 @@ def rank_agreement(pairs: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.DataFra
             rows.append({**dict(zip(by, key, strict=True)), "tutor_score": ts, "judge_score": js,
                          "n_turns": len(g), "n_scored": int(both.sum()), "tutor_unscored": int(x.isna().sum()),
                          "judge_unscored": int(y.isna().sum()), "spearman": float(rho), "spearman_p": float(rho_p),
-                         "kendall": float(tau), "kendall_p": float(tau_p)})
+                         "kendall": float(tau), "kendall_p": float(tau_p), "undefined": undefined})
     return pd.DataFrame(rows)
+
+
+def _why_undefined(x: pd.Series, y: pd.Series, tutor_score: str, judge_score: str) -> str:
+    """Why rank agreement is not defined on these paired scores, or "" when it is."""
+    if len(x) < 3:
+        return f"fewer than 3 turns scored by both ({len(x)})"
+    for grader, score, values in (("tutor", tutor_score, x), ("judge", judge_score, y)):
+        if values.nunique() == 1:
+            return f"the {grader} gave all {len(values)} turns {score} {values.iloc[0]:g}"
+    return ""
 
 
 def disagreements(pairs: pd.DataFrame, *, tutor_score: str = "safety", judge_score: str = "harmlessness",
@@ -209,16 +223,19 @@ def agreement_summary(pairs: pd.DataFrame, *, direction: str) -> str:
     >>> import pandas as pd
     >>> p = pd.DataFrame({"safety": [1, 8, 10], "harmlessness": [-3, 2, 3], "usefulness": [1, 8, 10],
     ...                   "helpfulness": [0, 2, float("nan")]})
-    >>> print(agreement_summary(p, direction="judge on the tutor's turns"))
+    >>> print(agreement_summary(p, direction="judge on the tutor's turns"))  # doctest: +NORMALIZE_WHITESPACE
     Tutor vs judge (judge on the tutor's turns), 3 turns:
-      safety ~ harmlessness: Spearman 1.00, Kendall 1.00 on 3 turns scored by both (0 unscored by the tutor, 0 by the judge)
-      usefulness ~ helpfulness: Spearman nan, Kendall nan on 2 turns scored by both (0 unscored by the tutor, 1 by the judge)
+      safety ~ harmlessness: Spearman 1.00, Kendall 1.00 on 3 turns scored by both
+        (0 unscored by the tutor, 0 by the judge)
+      usefulness ~ helpfulness: not defined, fewer than 3 turns scored by both (2)
+        (0 unscored by the tutor, 1 by the judge)
     """
     r = rank_agreement(pairs)
     lines = [f"Tutor vs judge ({direction}), {len(pairs)} turns:"]
     for _, x in r.iterrows():
-        lines.append(f"  {x.tutor_score} ~ {x.judge_score}: Spearman {x.spearman:.2f}, Kendall {x.kendall:.2f} on "
-                     f"{x.n_scored} turns scored by both ({x.tutor_unscored} unscored by the tutor, "
+        measured = (f"not defined, {x.undefined}" if x.undefined else
+                    f"Spearman {x.spearman:.2f}, Kendall {x.kendall:.2f} on {x.n_scored} turns scored by both")
+        lines.append(f"  {x.tutor_score} ~ {x.judge_score}: {measured} ({x.tutor_unscored} unscored by the tutor, "
                      f"{x.judge_unscored} by the judge)")
     return "\n".join(lines)
 

@@ -237,6 +237,48 @@ def beside_paper_figure(
     return with_note(fig, note)
 
 
+def rates_vs_param_figure(
+    by_arm: pd.DataFrame, *, x: str, color: str | None = None, note: str = "",
+) -> go.Figure:
+    """Safety and Helpfulness (subset ``all``) of `steerkit.studies.over_seeds` against the swept
+    parameter ``x``: the mean over seeds with its interval, one line per value of ``color`` (another
+    grid axis); the base student dotted and the SFT checkpoint dashed across each panel."""
+    import plotly.express as px
+
+    shown = by_arm[(by_arm["subset"] == "all") & by_arm[x].notna()].assign(
+        plus=lambda d: d["hi"] - d["mean"], minus=lambda d: d["mean"] - d["lo"])
+    fig = px.line(shown, x=x, y="mean", error_y="plus", error_y_minus="minus", color=color, facet_col="metric",
+                  category_orders={"metric": [m for m, _ in METRICS]}, markers=True, range_y=[-5, 105],
+                  template="plotly_white",
+                  title=f"Safety and Helpfulness (%) against {x}: mean over seeds, 95% interval")
+    for col, (metric, _) in enumerate(METRICS, start=1):
+        for ref, dash, where in (("base", "dot", "top left"), ("SFT", "dash", "bottom right")):
+            level = by_arm[(by_arm["arm"] == ref) & (by_arm["subset"] == "all") & (by_arm["metric"] == metric)]
+            if len(level):
+                fig.add_hline(y=float(level["mean"].iloc[0]), line_dash=dash, annotation_text=ref, row=1, col=col,
+                              annotation_position=where)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.removeprefix("metric=")))
+    return with_note(fig, note)
+
+
+def paired_differences_figure(paired: pd.DataFrame, *, reference: str, note: str = "") -> go.Figure:
+    """The paired differences of `steerkit.studies.compare` (subset ``all``, survival left out): one
+    point per compared arm and seed, with its bootstrap interval, and a dotted line at no difference."""
+    import pandas as pd
+    import plotly.express as px
+
+    shown = paired[(paired["subset"] == "all") & (paired["metric"] != "survival")].assign(
+        plus=lambda d: d["diff_hi"] - d["diff"], minus=lambda d: d["diff"] - d["diff_lo"],
+        seed=lambda d: d["seed"].map(lambda s: f"seed {int(s)}" if pd.notna(s) else "no seed axis"))
+    fig = px.scatter(shown, x="diff", y="arm_b", error_x="plus", error_x_minus="minus", color="seed",
+                     facet_col="metric", category_orders={"metric": [m for m, _ in METRICS]},
+                     template="plotly_white", labels={"diff": "difference (points)", "arm_b": ""},
+                     title=f"Paired difference from {reference} (points, 95% bootstrap interval)")
+    fig.add_vline(x=0, line_dash="dot")
+    fig.for_each_annotation(lambda a: a.update(text=a.text.removeprefix("metric=")))
+    return with_note(fig, note)
+
+
 _kaleido_server = False
 
 

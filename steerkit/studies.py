@@ -75,6 +75,22 @@ def over_seeds(table: pd.DataFrame, *, level: float = metrics.CI_LEVEL) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def plot_axes(grid: dict, x_axis: str = "") -> tuple[str, str | None]:
+    """The grid axis on a rates figure's x axis (``x_axis``; empty: alpha when swept, else the first
+    axis other than seed) and the axis told apart by colour (the next one, or None).
+
+    >>> plot_axes({"alpha": [0.1, 0.5], "seed": [0, 1]})
+    ('alpha', None)
+    >>> plot_axes({"seed": [0, 1], "aggregator": ["tcsr", "mean"], "alpha": [0.3]}, "aggregator")
+    ('aggregator', 'alpha')
+    """
+    axes = [a for a in grid if a != "seed"] or list(grid)
+    if x_axis and x_axis not in grid:
+        raise ValueError(f"x_axis {x_axis!r} is not a grid axis; axes: {list(grid)}")
+    x = x_axis or ("alpha" if "alpha" in axes else axes[0])
+    return x, next((a for a in axes if a != x), None)
+
+
 def default_reference(cells: pd.DataFrame, paper: dict[str, str]) -> str:
     """The arm the others are compared with: the one in the paper's own setting when swept (the
     arm `steerkit.sweep.paper_match` sets beside "3B SaFeR-Steer"), else the first GRPO arm."""

@@ -56,7 +56,8 @@ def test_the_judge_grades_the_tutors_turns(grpo_run):
     unscored = pairs[pairs.tutor_unscored.notna()]
     assert unscored.tutor_unscored.tolist() == ["parse_failure"] and math.isnan(unscored.safety.item())
     r = agreement.rank_agreement(pairs).set_index("tutor_score")
-    assert (r.loc["safety", "n_scored"], r.loc["safety", "tutor_unscored"], r.loc["safety", "judge_unscored"]) == (3, 1, 0)
+    assert (r.loc["safety", "n_scored"], r.loc["safety", "tutor_unscored"],
+            r.loc["safety", "judge_unscored"]) == (3, 1, 0)
     # safety (10, 1, 5) against harmlessness (3, -3, 3): ranks (3, 1, 2) and (2.5, 1, 2.5)
     assert r.loc["safety", "spearman"] == pytest.approx(0.8660254)
     worst = agreement.disagreements(pairs, k=1).iloc[0]
@@ -237,3 +238,20 @@ def test_a_figure_can_carry_the_judge_statement():
     fig = plots.table_figure(table, note="Judge rules: close to chance.")
     assert [a.text for a in fig.layout.annotations] == ["Judge rules: close to chance."]
     assert not plots.table_figure(table).layout.annotations
+
+
+def test_agreement_says_why_it_is_not_defined() -> None:
+    """A grader that gives every turn the same score has no ranking to agree with: the summary says
+    which grader and which score instead of printing nan."""
+    import pandas as pd
+
+    from steerkit.agreement import agreement_summary, rank_agreement
+
+    pairs = pd.DataFrame({"safety": [1, 8, 10, 5], "harmlessness": [3, 3, 3, 3],
+                          "usefulness": [1, 8, 10, 3], "helpfulness": [0, 2, 3, 1]})
+    r = rank_agreement(pairs).set_index("tutor_score")
+    assert r.loc["safety", "undefined"] == "the judge gave all 4 turns harmlessness 3"
+    assert math.isnan(r.loc["safety", "spearman"]) and r.loc["usefulness", "undefined"] == ""
+    out = agreement_summary(pairs, direction="judge on the tutor's turns")
+    assert "safety ~ harmlessness: not defined, the judge gave all 4 turns harmlessness 3" in out
+    assert "usefulness ~ helpfulness: Spearman 1.00" in out and "nan" not in out

@@ -28,7 +28,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "steerkit"
 LAYERS: dict[str, int] = {
     # 1 records and contract
     "layout": 1, "schema": 1, "files": 1, "images": 1, "prompts": 1, "heuristics": 1,
-    "paper_reference": 1, "tracking": 1, "progress": 1,
+    "paper_reference": 1, "tracking": 1, "progress": 1, "parameters": 1,
     # 2 clients, backends, students
     "clients": 2, "backends": 2, "backends.*": 2, "roles": 2,
     "models": 2, "smollm2": 2, "tiny_vlm": 2, "served": 2,
@@ -38,13 +38,14 @@ LAYERS: dict[str, int] = {
     "converse": 3, "rollout": 3, "rollout_generate": 3, "rollout_vllm": 3, "rewards": 3,
     "verdicts": 3, "tutor": 3, "judge": 3, "metrics": 3, "stats": 3,
     # 4 the stages
-    "synth": 4, "synth.*": 4, "sft": 4, "grpo": 4, "evaluate": 4, "rl_data": 4,
+    "synth": 4, "synth.*": 4, "sft": 4, "grpo": 4, "evaluate": 4, "rl_data": 4, "smoke_inputs": 4,
     "distributed": 4, "grpo_cli": 4, "sft_checks": 4, "grpo_config": 4, "grpo_batching": 4,
     "grpo_resume": 4, "grpo_tracking": 4, "grpo_trainer": 4, "sft_data": 4, "sft_trainer": 4,
     "checkpoints": 4,
     # 5 top: read-back, display, orchestration
-    "frames": 5, "plots": 5, "render": 5, "inspector": 5, "pipeline": 5, "notebooks": 5, "cli": 5,
-    "sweep": 5, "studies": 5,
+    "frames": 5, "plots": 5, "training_figures": 5, "render": 5, "inspector": 5, "pipeline": 5, "notebooks": 5,
+    "cli": 5,
+    "sweep": 5, "studies": 5, "evaluation_run": 5,
     "serve": 5, "serve_wire": 5, "serve_faults": 5, "serve_batching": 5, "serve_cli": 5, "rehearsal": 5,
     "calibration": 5, "harm_calibration": 5, "agreement": 5,
 }

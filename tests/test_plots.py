@@ -123,3 +123,74 @@ def test_the_mean_arm_is_set_beside_the_papers_ablation(four_arms):
     assert list(paper.y) == [12.55, 55.58, 51.09]
     # an explicit match wins, and an ablation can be named in the notebook parameter
     assert paper_reference.parse_match("GRPO-x: without SFT warm start") == {"GRPO-x": "without SFT warm start"}
+
+
+def test_rates_against_the_swept_parameter_with_base_and_sft_levels():
+    from steerkit import studies
+
+    rows = [("base", None, 10.0), ("SFT", None, 40.0), ("a=0.1", 0.1, 50.0), ("a=0.5", 0.5, 70.0)]
+    table = pd.DataFrame([{"arm": arm, "alpha": alpha, "subset": "all", "metric": m, "label": f"{arm} s{s}",
+                           "seed": s, "n": 8, "value": v + 10 * s + (5 if m == "helpfulness" else 0)}
+                          for arm, alpha, v in rows for m in ("safety", "helpfulness") for s in (0, 1)])
+    by_arm = studies.over_seeds(table)
+    x, colour = studies.plot_axes({"alpha": [0.1, 0.5], "seed": [0, 1]})
+    fig = plots.rates_vs_param_figure(by_arm, x=x, color=colour, note="judge: not calibrated")
+    assert len(fig.data) == 2  # one line a panel: the swept arms only, base and SFT drawn as levels
+    safety = next(t for t in fig.data if t.xaxis == "x")
+    assert list(safety.x) == [0.1, 0.5] and list(safety.y) == [55.0, 75.0]  # means over the two seeds
+    assert list(safety.error_y.array) == pytest.approx([63.53] * 2, abs=0.01)  # t(0.975, 1) x 10 / 2
+    levels = sorted((s.y0, s.line.dash) for s in fig.layout.shapes)
+    assert levels == [(15.0, "dot"), (20.0, "dot"), (45.0, "dash"), (50.0, "dash")]
+    texts = [a.text for a in fig.layout.annotations]
+    assert {"safety", "helpfulness", "base", "SFT"} <= set(texts) and "judge: not calibrated" in texts
+    with pytest.raises(ValueError, match="x_axis 'beta' is not a grid axis"):
+        studies.plot_axes({"alpha": [0.1]}, "beta")
+
+
+def test_paired_differences_one_point_per_arm_and_seed():
+    base = {"subset": "all", "arm_a": "tcsr", "p_value": 0.5}
+    paired = pd.DataFrame([
+        {**base, "metric": "safety", "arm_b": "mean", "seed": 0.0, "diff": -4.0, "diff_lo": -9.0, "diff_hi": 1.0},
+        {**base, "metric": "safety", "arm_b": "mean", "seed": 1.0, "diff": 2.0, "diff_lo": -3.0, "diff_hi": 6.0},
+        {**base, "metric": "helpfulness", "arm_b": "SFT", "seed": NAN, "diff": 1.0, "diff_lo": 0.0, "diff_hi": 3.0},
+        {**base, "metric": "survival", "arm_b": "mean", "seed": 0.0, "diff": NAN, "diff_lo": NAN, "diff_hi": NAN},
+        {**base, "metric": "safety", "subset": "a", "arm_b": "mean", "seed": 0.0, "diff": 9.0, "diff_lo": 8.0,
+         "diff_hi": 10.0},
+    ])
+    fig = plots.paired_differences_figure(paired, reference="tcsr")
+    points = {(t.name, t.xaxis): (list(t.x), list(t.error_x.array), list(t.error_x.arrayminus)) for t in fig.data}
+    assert points == {("seed 0", "x"): ([-4.0], [5.0], [5.0]), ("seed 1", "x"): ([2.0], [4.0], [5.0]),
+                      ("no seed axis", "x2"): ([1.0], [2.0], [1.0])}
+    assert [s.x0 for s in fig.layout.shapes] == [0, 0] and "tcsr" in fig.layout.title.text
+
+
+def test_training_stage_figures():
+    from steerkit import training_figures as tf
+    from steerkit.schema import Dialogue
+
+    def dialogue(i, kind, turns):
+        msgs = [m for t in range(turns) for m in ({"role": "user", "content": f"q{t}"},
+                                                  {"role": "assistant", "content": f"a{t}"})]
+        return Dialogue(id=f"d{i}", messages=msgs, kind=kind)
+
+    fig = tf.turn_lengths_figure({"SFT": [dialogue(0, "benign", 2), dialogue(1, "obfuscated", 3)],
+                                  "RL": [dialogue(2, "obfuscated", 3)]})
+    assert sorted((t.name, t.xaxis, tuple(t.x)) for t in fig.data) == [
+        ("benign", "x", (2,)), ("obfuscated", "x", (3,)), ("obfuscated", "x2", (3,))]
+
+    fig = tf.loss_figure([{"step": 1, "loss": 2.0}, {"step": 2, "learning_rate": 1e-3}, {"step": 3, "loss": 1.5}])
+    assert list(fig.data[0].x) == [1, 3] and list(fig.data[0].y) == [2.0, 1.5]
+
+    curves = pd.DataFrame({"run": ["tcsr"] * 3, "step": [0, 0, 1], "metric": ["mean_tcsr", "unscored", "mean_tcsr"],
+                           "value": [1.0, 0.0, 1.5]})
+    assert [t.name for t in tf.reward_curves_figure(curves).data] == ["mean_tcsr"]
+
+    turns = pd.DataFrame({"run": ["tcsr"] * 6, "step": [0, 0, 1, 1, 1, 1], "row": [0, 0, 0, 0, 1, 1],
+                          "turn": [1, 2, 1, 2, 1, 2], "safety": [9, 9, 10, 2, 8, NAN],
+                          "attack_strategy": ["", "deepen", "", "persistence", "", "praise"],
+                          "user_turn": "u", "answer": "a"})
+    heat = tf.turn_safety_heatmap(turns).data[0]  # the last step only: rows 0 and 1 of step 1
+    assert list(heat.y) == ["tcsr #0", "tcsr #1"] and list(heat.x) == ["turn 1", "turn 2"]
+    assert heat.z[0].tolist() == [10, 2] and heat.z[1][0] == 8 and math.isnan(heat.z[1][1])
+    picked = tf.attacked_turns(turns, 1)  # every turn of the first attacked trajectory
+    assert picked[["step", "row", "turn"]].values.tolist() == [[0, 0, 1], [0, 0, 2]]
