@@ -58,6 +58,22 @@ def unsharded(model: Any) -> Iterator[None]:
             m.reshard()
 
 
+def gathered(items: list[Any], accelerator: Any) -> list[Any]:
+    """Every process's ``items`` in process order (picklable objects); a collective call that every
+    process must enter. A single process gets its own list back."""
+    if getattr(accelerator, "num_processes", 1) == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def summed_over_processes(counts: dict[str, int], accelerator: Any) -> dict[str, int]:
+    """Counters (a role's usage, say) summed over every process of a launch; a collective call."""
+    parts = gathered([counts], accelerator)
+    return {k: sum(p[k] for p in parts) for k in counts}
+
+
 def weights_digest(model: Any) -> str:
     """sha256 over a model's state dict (names, dtypes, shapes and bytes, in name order)."""
     import hashlib

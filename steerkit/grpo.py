@@ -24,8 +24,9 @@ from steerkit.grpo_trainer import TutorRollout, nonfinite_grad_guard, tutor_trai
 from steerkit.layout import CHECKPOINT, METRICS_FILE, REPLY_CACHE, TRAIN_LOG, TRAJECTORIES_FILE
 from steerkit.progress import progress_callback
 from steerkit.rewards import TrajectoryReward, turn_weights
-from steerkit.rl_data import load_captions, load_rl_dialogues, rl_rows, seed_rl_dialogues
+from steerkit.rl_data import load_captions, load_rl_dialogues, rl_rows
 from steerkit.rollout import RolloutConfig
+from steerkit.smoke_inputs import seed_rl_dialogues
 from steerkit.tutor import TUTOR_PROMPT
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     """
     from steerkit.checkpoints import checkpoint_step, last_complete_checkpoint, resume_point
     from steerkit.converse import STUDENT_SYSTEM
-    from steerkit.distributed import distributed_state
+    from steerkit.distributed import distributed_state, summed_over_processes
     from steerkit.grpo_resume import load_checkpoint_weights, trim_logs
     from steerkit.layout import TRAINER_DIR
     from steerkit.models import is_vision_model, load_student, resolve_model_path
@@ -207,7 +208,8 @@ def run_grpo(config: GRPORunConfig, *, tutor_client: ChatClient | None = None) -
     ckpt = save_checkpoint(trainer, run.path / CHECKPOINT)
     metrics, train_log = read_records(logs[METRICS_FILE]), read_records(logs[TRAIN_LOG])
     first, last = metrics[0], metrics[-1]
-    run.update_manifest(tutor_usage=vars(tutor.usage), n_rl_records=len(records), vision_student=vision)
+    usage = summed_over_processes(vars(tutor.usage), trainer.accelerator)  # every process called the tutor
+    run.update_manifest(tutor_usage=usage, n_rl_records=len(records), vision_student=vision)
     run.finish(start_mean_tcsr=first["mean_tcsr"], end_mean_tcsr=last["mean_tcsr"],
                start_share_worst_turn_safe=first["share_worst_turn_safe"],
                end_share_worst_turn_safe=last["share_worst_turn_safe"],

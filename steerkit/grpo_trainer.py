@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from steerkit.clients import ChatClient
+from steerkit.distributed import gathered
 from steerkit.layout import METRICS_FILE, TRAJECTORIES_FILE
 from steerkit.rewards import (
     PAPER_WEIGHTS,
@@ -203,7 +204,17 @@ class TutorRollout:
         finally:
             model.train(was_training)
         self.calls += 1
-        self._log(trajs, step=int(trainer.state.global_step))
+        step = int(trainer.state.global_step)
+        own = rollout_metrics(trajs, reward=self.reward)
+        log.info("GRPO step %d: %s", step, json.dumps(own))
+        # the main process writes the whole step, every process's share: only the text side and the
+        # student-token mask travel, the token ids and log-probs stay where they are trained on
+        everyone = gathered([replace(t, prompt_ids=[], completion_ids=[], logprobs=[]) for t in trajs],
+                            trainer.accelerator)
+        if len(everyone) != len(trajs):
+            own = rollout_metrics(everyone, reward=self.reward)
+            log.info("GRPO step %d, all processes: %s", step, json.dumps(own))
+        self._log(everyone, own, step=step)
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
             "completion_ids": [t.completion_ids for t in trajs],
@@ -214,11 +225,9 @@ class TutorRollout:
             "zero_final": [t.ended == "static" for t in trajs],
         }
 
-    def _log(self, trajs: list[Trajectory], *, step: int) -> None:
-        m = rollout_metrics(trajs, reward=self.reward)
-        m["step"] = step
+    def _log(self, trajs: list[Trajectory], metrics: dict[str, Any], *, step: int) -> None:
+        m = {**metrics, "step": step}
         self.history.append(m)
-        log.info("GRPO step %d: %s", step, json.dumps(m))
         if self.run_dir is not None:
             from steerkit.runs import ResultLog
 
