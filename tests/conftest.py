@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +76,29 @@ def tiny(tiny_vlm_dir):
 @pytest.fixture(scope="module")
 def rl_set(tmp_path_factory: pytest.TempPathFactory):
     """Four seed-built STEER-RL scripts of three turns with packaged photos: (scripts, root)."""
-    from steerkit.rl_data import seed_rl_dialogues
+    from steerkit.smoke_inputs import seed_rl_dialogues
 
     return seed_rl_dialogues(tmp_path_factory.mktemp("rl"), 4, turns=3, with_images=True)
+
+
+@pytest.fixture
+def kill_when_holding():
+    """A function that SIGKILLs a training run once its log says ``holding`` (its ``hold_at`` step is
+    on disk), then waits for the uninterrupted run started beside it; neither is left running."""
+
+    def kill(proc: subprocess.Popen, out: Path, *, beside: tuple[subprocess.Popen, Path], seconds: float,
+             finish_seconds: float) -> None:
+        try:
+            deadline = time.monotonic() + seconds
+            while "holding" not in out.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+            assert beside[0].wait(timeout=finish_seconds) == 0, beside[1].read_text()[-3000:]
+        finally:
+            for p in (proc, beside[0]):
+                if p.poll() is None:
+                    p.kill()
+
+    return kill

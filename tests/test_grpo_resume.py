@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -87,7 +86,8 @@ def test_run_grpo_refuses_a_bad_layout_before_it_creates_a_run(tmp_path):
 def test_trl_gets_the_layout(tiny_vlm_dir, tmp_path):
     from steerkit.grpo import make_trainer
     from steerkit.models import load_student
-    from steerkit.rl_data import rl_rows, seed_rl_dialogues
+    from steerkit.rl_data import rl_rows
+    from steerkit.smoke_inputs import seed_rl_dialogues
 
     model, proc = load_student(tiny_vlm_dir)
     scripts, root = seed_rl_dialogues(tmp_path / "rl", 2, turns=2)
@@ -172,7 +172,7 @@ STEPS, SAVE = 4, 2
 
 @pytest.mark.slow
 def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tutor_again(
-        tmp_path, tiny_vlm_dir, loopback_server):
+        tmp_path, tiny_vlm_dir, loopback_server, kill_when_holding):
     from steerkit.checkpoints import complete_checkpoint
     from steerkit.grpo import STAGE
     from steerkit.layout import TRAINER_DIR
@@ -203,18 +203,7 @@ def test_sigkilled_grpo_resumes_from_its_last_checkpoint_without_asking_the_tuto
     clean, killed = runs / STAGE / "clean", runs / STAGE / "killed"
     clean_run = start("clean")  # alongside the run to kill: mostly imports, two at once save time
     proc, out = start("killed", hold_at=SAVE)
-    try:
-        deadline = time.monotonic() + 300
-        while "holding" not in out.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        finish(*clean_run)
-    finally:
-        for p in (proc, clean_run[0]):
-            if p.poll() is None:
-                p.kill()
+    kill_when_holding(proc, out, beside=clean_run, seconds=300, finish_seconds=400)
     t_first = time.perf_counter() - t0
     clean_requests = requests("clean")
     clean_trajs = read_records(clean / TRAJECTORIES_FILE)

@@ -211,7 +211,8 @@ def test_sigkilled_synthesis_resumes_to_the_same_splits(tmp_path, loopback_serve
     for name in (layout.SFT_FILE, layout.RL_FILE, layout.BENCH_FILE):
         ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(killed / name)]
         assert len(ids) == len(set(ids)), f"{name}: a record written twice"
-        clean_ids = [json.loads(line).get("id", json.loads(line).get("question_id")) for line in _lines(clean_dir / name)]
+        clean_ids = [json.loads(line).get("id", json.loads(line).get("question_id"))
+                     for line in _lines(clean_dir / name)]
         assert sorted(ids) == sorted(clean_ids), name
     # Finished target plays were cached before the kill, so the rerun repeats at most those in flight.
     print(f"synthesis: clean {clean_requests} target requests; killed + resumed"
@@ -262,7 +263,8 @@ def _sft_data(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_training(tmp_path, tiny_vlm_dir):
+def test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_training(tmp_path, tiny_vlm_dir,
+                                                                                       kill_when_holding):
     """Full fine-tuning of the tiny VLM, 6 steps, a checkpoint every 2: killed while checkpoint-4 is
     half-written, rerun under the same run id, compared with an uninterrupted run."""
     from safetensors.torch import load_file
@@ -297,19 +299,8 @@ def test_sigkilled_sft_resumes_from_the_last_complete_checkpoint_to_the_same_tra
     clean_run = start("clean")
     clean, killed = runs / STAGE / "clean", runs / STAGE / "killed"
     half = killed / TRAINER_DIR / f"checkpoint-{2 * SFT_SAVE}"
-    proc, out = start("killed", hold_at=2 * SFT_SAVE)
-    try:
-        deadline = time.monotonic() + 240
-        while "holding" not in out.read_text():  # checkpoint-4's weights and optimizer are on disk
-            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        finish(*clean_run)
-    finally:
-        for p in (proc, clean_run[0]):
-            if p.poll() is None:
-                p.kill()
+    proc, out = start("killed", hold_at=2 * SFT_SAVE)  # killed once checkpoint-4's weights and optimizer are on disk
+    kill_when_holding(proc, out, beside=clean_run, seconds=240, finish_seconds=300)
     t_first = time.perf_counter() - t0
     assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
     assert not (killed / CHECKPOINT).exists()
