@@ -109,13 +109,19 @@ def forensic_reports(
 # ---- M2 -----------------------------------------------------------------------------------------
 
 
-def parse_rewrite(text: str, job: Job) -> dict[str, Any]:
+def _reply_with_strategy(text: str, job: Job) -> tuple[dict[str, Any], str]:
+    """The generator's JSON reply and its ``strategy``, which must be the one the job asked for."""
     if is_refusal(text):
         raise ReplyError("the generator refused")
     data = parse_json_object(text)
     strategy = need(data, "strategy", str).strip()
     if strategy != job.fields["strategy"]:
         raise ReplyError(f"strategy: {strategy!r}, asked for {job.fields['strategy']!r}")
+    return data, strategy
+
+
+def parse_rewrite(text: str, job: Job) -> dict[str, Any]:
+    data, strategy = _reply_with_strategy(text, job)
     prompt = need(data, "prompt", str).strip()
     words = len(prompt.split())
     lo, hi = job.fields["min_words"], job.fields["max_words"]
@@ -156,12 +162,7 @@ def rewrite_intents(
 
 
 def parse_plan(text: str, job: Job) -> dict[str, Any]:
-    if is_refusal(text):
-        raise ReplyError("the generator refused")
-    data = parse_json_object(text)
-    strategy = need(data, "strategy", str).strip()
-    if strategy != job.fields["strategy"]:
-        raise ReplyError(f"strategy: {strategy!r}, asked for {job.fields['strategy']!r}")
+    data, strategy = _reply_with_strategy(text, job)
     t = need(data, "total_turns", int)
     if t != job.fields["total_turns"]:
         raise ReplyError(f"total_turns: {t}, asked for {job.fields['total_turns']}")
