@@ -24,7 +24,7 @@ why (benchmarks/LOG.md has the runs behind them):
   14 steps (KL 0.06); 2e-3 drifted to malformed text within 5 steps;
 - 3 prompts x K = 5 a step, 16 steps, 3 turns.
 
-Figures from one run, not a timed test (about 45 minutes on a 2-core CPU with ``--sft-data``).
+Figures from one run, not a timed test (about 53 minutes on an idle 2-core CPU with ``--sft-data``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from pathlib import Path
 
 from steerkit.grpo import GRPORunConfig, resolve_init, run_grpo
 from steerkit.grpo_trainer import rollout_metrics
-from steerkit.rl_data import load_rl_dialogues, rl_rows, seed_rl_dialogues
+from steerkit.rl_data import load_rl_dialogues, rl_rows
 from steerkit.roles import Roles
 from steerkit.rollout import RolloutConfig, RolloutSample, rollout
+from steerkit.smoke_inputs import seed_rl_dialogues
 
 
 def evaluate(student: str, rows: list[dict], *, samples: int, turns: int, tokens: int, seed: int) -> dict:
@@ -73,7 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rl-data", default="", help="STEER-RL JSONL or Stage I run dir; default: built from seeds")
     ap.add_argument("--sft-checkpoint", default="", help="Stage II checkpoint or run dir to start from")
-    ap.add_argument("--sft-data", default="", help="STEER-SFT data for a short SFT first (ignored with --sft-checkpoint)")
+    ap.add_argument("--sft-data", default="",
+                    help="STEER-SFT data for a short SFT first (ignored with --sft-checkpoint)")
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=6, help="RL prompts (train and evaluation)")
     ap.add_argument("--prompts-per-step", type=int, default=3)
@@ -108,7 +110,8 @@ def main() -> None:
         student=student, rl_data=str(data_root / "steer_rl.jsonl"), n_prompts=args.prompts,
         prompts_per_step=args.prompts_per_step, num_generations=args.k, max_steps=args.steps,
         max_turns=args.turns, max_new_tokens=args.tokens, learning_rate=args.learning_rate,
-        lr_scheduler=args.lr_scheduler, aggregator=args.aggregator, seed=args.seed, runs_root=str(root), run_id="bench-grpo",
+        lr_scheduler=args.lr_scheduler, aggregator=args.aggregator, seed=args.seed, runs_root=str(root),
+        run_id="bench-grpo",
     )
     result = run_grpo(cfg)
     after = evaluate(str(result.checkpoint), rows, samples=args.eval_samples, turns=args.turns, tokens=args.tokens,
@@ -119,7 +122,8 @@ def main() -> None:
         return "n/a" if x is None else f"{x:.3f}"
 
     print(f"student: {student}   RL prompts: {len(rows)}   steps: {args.steps} x (B={args.prompts_per_step}, "
-          f"K={args.k}, {args.turns} turns x {args.tokens} tokens), aggregator {args.aggregator}, lr {args.learning_rate} ({args.lr_scheduler})")
+          f"K={args.k}, {args.turns} turns x {args.tokens} tokens), aggregator {args.aggregator}, "
+          f"lr {args.learning_rate} ({args.lr_scheduler})")
     print(f"{'':24}{'mean TCSR':>12}{'worst turn safe':>18}{'all turns proper':>18}{'mean safety':>14}"
           f"{'unscored':>10}")
     rows_out = [("before (eval)", before), ("after (eval)", after),

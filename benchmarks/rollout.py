@@ -44,8 +44,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def samples_for(model_name: str, n: int, turns: int, root: Path) -> list:
-    from steerkit.rl_data import rl_rows, seed_rl_dialogues
+    from steerkit.rl_data import rl_rows
     from steerkit.rollout import RolloutSample
+    from steerkit.smoke_inputs import seed_rl_dialogues
 
     vision = model_name != "smollm2"
     k = 4 if n >= 4 else 1
@@ -149,7 +150,8 @@ def run(model_name: str, n: int, *, turns: int, tokens: int, root: Path, modes: 
     for m in modes:  # sequential first: the others are printed as ratios to it
         r = timed(m, samples, model, proc, turns=turns, tokens=tokens, **plan[m])
         base = r["tokens_per_s"] if m == "sequential" else base
-        r.update(model=model_name, trajectories=n, engine="generate" if m == "sequential" else engine, ratio=round(r["tokens_per_s"] / base, 2) if base else None)
+        r.update(model=model_name, trajectories=n, engine="generate" if m == "sequential" else engine,
+                 ratio=round(r["tokens_per_s"] / base, 2) if base else None)
         print(f"{model_name:9s} {n:3d} trajectories  {r['mode']:20s} wall {r['wall_s']:8.2f} s"
               f"  {r['student_tokens']:6d} tokens  {r['tokens_per_s']:8.2f} tok/s  x{r['ratio']}", flush=True)
         rows.append(r)

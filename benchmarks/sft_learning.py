@@ -1,6 +1,6 @@
 """Does Stage II SFT teach? SmolLM2 before and after SFT on synthesized STEER-SFT.
 
-Synthesizes a STEER-SFT set offline (`steerkit.sft_data.offline_sft_data`: the ``rules`` roles), trains the
+Synthesizes a STEER-SFT set offline (`steerkit.smoke_inputs.offline_sft_data`: the ``rules`` roles), trains the
 embedded SmolLM2-135M-Instruct with LoRA (`steerkit.sft.run_sft`), and measures on data it never saw:
 
 - held-out loss: the RL split (no user text shared with SFT), eval loss on assistant tokens;
@@ -86,7 +86,8 @@ def main() -> None:
 
     from steerkit.layout import RL_FILE
     from steerkit.sft import SFTRecipe, run_sft
-    from steerkit.sft_data import answers, offline_sft_data
+    from steerkit.sft_data import answers
+    from steerkit.smoke_inputs import offline_sft_data
 
     root = args.runs_root or Path(tempfile.mkdtemp(prefix="sft-learning-"))
     t0 = time.perf_counter()
@@ -117,7 +118,8 @@ def main() -> None:
     print(f"SFT on {figures['sft_dialogues']} synthesized dialogues, {figures['steps']} LoRA steps, "
           f"{figures['seconds']} s")
     print(f"{'':34s}{'before':>10s}{'after':>10s}")
-    print(f"{'held-out loss (RL split)':34s}{figures['heldout_loss_before']:10.3f}{figures['heldout_loss_after']:10.3f}")
+    print(f"{'held-out loss (RL split)':34s}{figures['heldout_loss_before']:10.3f}"
+          f"{figures['heldout_loss_after']:10.3f}")
     print(f"{f'refusal, harmful (n={k})':34s}{figures['harmful_refusal_before']:10.1%}"
           f"{figures['harmful_refusal_after']:10.1%}")
     print(f"{f'refusal, benign (n={len(benign)})':34s}{figures['benign_refusal_before']:10.1%}"
@@ -125,7 +127,8 @@ def main() -> None:
     print(f"{f'refusal, escalation (n={len(escalations)})':34s}{figures['escalation_refusal_before']:10.1%}"
           f"{figures['escalation_refusal_after']:10.1%}")
     for i in (0, k, b)[: 2 + bool(escalations)]:
-        print(f"\n{requests[i].messages[-1].content[:100]!r}\n  before: {before[i][:160]!r}\n  after:  {after[i][:160]!r}")
+        print(f"\n{requests[i].messages[-1].content[:100]!r}\n  before: {before[i][:160]!r}"
+              f"\n  after:  {after[i][:160]!r}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 

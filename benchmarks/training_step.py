@@ -7,7 +7,7 @@ Each phase runs the project's own training path in a fresh subprocess, so the pe
 one phase is not masked by another's:
 
 - ``sft-lora``: `steerkit.sft.run_sft` with ``configs/sft_smoke_cpu.yaml`` (LoRA) on a small STEER-SFT
-  set made offline (`steerkit.sft_data.offline_sft_data`, the ``rules`` roles);
+  set made offline (`steerkit.smoke_inputs.offline_sft_data`, the ``rules`` roles);
 - ``sft-full``: the same recipe with full fine-tuning (learning rate 1e-5, method.md 3);
 - ``grpo``: `steerkit.grpo.run_grpo` (LoRA, TCSR, the ``rules`` tutor) on `seed_rl_dialogues` prompts.
 
@@ -228,7 +228,8 @@ def code_version() -> dict[str, Any]:
 
     def git(*cmd: str) -> str | None:
         try:
-            return subprocess.run(["git", "-C", str(pkg), *cmd], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", "-C", str(pkg), *cmd], capture_output=True, text=True,
+                                  check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
@@ -240,8 +241,8 @@ def code_version() -> dict[str, Any]:
 def machine_facts() -> dict[str, Any]:
     import torch
 
-    return {**code_version(), "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {**code_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "cuda": torch.cuda.is_available(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
@@ -281,7 +282,8 @@ def report(figures: dict[str, Any]) -> None:
               f"{load:>12}")
     if "grpo" in figures["phases"]:
         r = figures["phases"]["grpo"]["summary"]
-        print(f"\nGRPO step {fmt(r['step_s'])} s = rollout {fmt(r['rollout_s'])} s (generation {fmt(r['generation_s'])}, "
+        print(f"\nGRPO step {fmt(r['step_s'])} s = rollout {fmt(r['rollout_s'])} s "
+              f"(generation {fmt(r['generation_s'])}, "
               f"tutor {fmt(r['tutor_s'], '.3f')}, other {fmt(r['rollout_other_s'], '.3f')}) + training "
               f"{fmt(r['training_s'])} s (scoring {fmt(r['scoring_s'])}, loss/backward/optimizer "
               f"{fmt(r['loss_backward_optimizer_s'])}); {fmt(r['student_tokens'], '.0f')} student tokens generated "
@@ -321,7 +323,7 @@ def main() -> None:
         run_phase(args)
         return
 
-    from steerkit.sft_data import offline_sft_data
+    from steerkit.smoke_inputs import offline_sft_data
     from steerkit.smollm2 import smollm2_path
 
     root = args.root or Path(tempfile.mkdtemp(prefix="training-step-"))

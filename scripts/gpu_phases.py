@@ -231,7 +231,7 @@ def vision_loss_for_this_transformers():
 def rl_rows(work: Path, n: int, turns: int) -> list[dict[str, Any]]:
     """``n`` seed-built STEER-RL rows with a packaged photo in the first turn, at its own size."""
     from steerkit.rl_data import rl_rows as rows_of
-    from steerkit.rl_data import seed_rl_dialogues
+    from steerkit.smoke_inputs import seed_rl_dialogues
 
     records, root = seed_rl_dialogues(work / "rl_data", n, turns=turns, seed=0, with_images=True)
     return rows_of(records, root, vision=True)

@@ -243,7 +243,8 @@ def report(folder: Path) -> str:
                      + f"; goal >= {GOAL_SPEEDUP}x at <= {GOAL_MEMORY_SHARE:.0%}: {'met' if met else 'not met'}")
     else:
         missing = "HF" if hf.get("status") != "ok" else "Unsloth"
-        lines.append(f"Unsloth vs HF SFT: not measured (no {missing} result: {(hf if missing == 'HF' else un).get('status', 'not run')})")
+        lines.append(f"Unsloth vs HF SFT: not measured (no {missing} result: "
+                     f"{(hf if missing == 'HF' else un).get('status', 'not run')})")
     return "\n".join(lines)
 
 

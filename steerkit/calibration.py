@@ -237,7 +237,8 @@ class RefusalAgreement:
                 "no_call": dict(self.no_call)}
 
 
-def refusal_agreement_of(examples: Sequence[RefusalExample], verdicts: Sequence[Verdict], *, grader: str = "") -> RefusalAgreement:
+def refusal_agreement_of(examples: Sequence[RefusalExample], verdicts: Sequence[Verdict], *,
+                         grader: str = "") -> RefusalAgreement:
     """Accuracy and kappa of the verdicts' refusal calls on the rows where they make one."""
     if len(examples) != len(verdicts):
         raise ValueError(f"{len(examples)} examples but {len(verdicts)} verdicts")
@@ -333,7 +334,8 @@ def turn_agreement(
         if va.scored and vb.scored:
             xs.append(va.scores[score_a])
             ys.append(vb.scores[score_b])
-    same_scale = score_a == score_b and {v.kind for v in a.values()} | {v.kind for v in b.values()} <= {"judge", "evaluator"}
+    same_scale = (score_a == score_b
+                  and {v.kind for v in a.values()} | {v.kind for v in b.values()} <= {"judge", "evaluator"})
     return TurnAgreement(
         n_shared=len(shared),
         n_scored=len(xs),

@@ -23,14 +23,20 @@ log = logging.getLogger("steerkit")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="smoke", help="recipe configs/pipeline_<profile>.yaml: smoke (offline CPU) or full (GPU, served tutor and judge); 'none' for notebook defaults")
-    p.add_argument("--config", action="append", default=[], metavar="RECIPE.yaml", help="a recipe merged over the profile's (repeatable)")
-    p.add_argument("--set", action="append", default=[], dest="sets", metavar="[STAGE.]PARAM=VALUE", help="override a parameter (value read as YAML); without STAGE it applies to every notebook declaring PARAM")
+    p.add_argument("--profile", default="smoke",
+                   help="recipe configs/pipeline_<profile>.yaml: smoke (offline CPU) or full (GPU, served tutor and"
+                        " judge); 'none' for notebook defaults")
+    p.add_argument("--config", action="append", default=[], metavar="RECIPE.yaml",
+                   help="a recipe merged over the profile's (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="[STAGE.]PARAM=VALUE",
+                   help="override a parameter (value read as YAML); without STAGE it applies to every notebook"
+                        " declaring PARAM")
     p.add_argument("--run-id", help="the pipeline run folder under --runs-root; an existing one is resumed")
     p.add_argument("--runs-root", type=Path, default=DEFAULT_RUNS_ROOT, help="default: papermill_runs/")
     p.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="where the numbered notebooks live")
     p.add_argument("-v", "--verbose", action="store_true", help="stream cell outputs as the notebooks run")
-    p.add_argument("--no-progress", action="store_true", help="do not print each stage's progress (steps, rollouts, judged turns)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not print each stage's progress (steps, rollouts, judged turns)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_id = run_id or pl.new_pipeline_id(profile)
             pipe = pl.Pipeline(recipe, run_id, runs_root=args.runs_root, notebooks_dir=args.notebooks_dir,
                                sets=args.sets, log_output=args.verbose, show_progress=not args.no_progress)
-            log.info("pipeline %s (resume it with: steerkit run --profile %s --run-id %s)", pipe.path, args.profile, run_id)
+            log.info("pipeline %s (resume it with: steerkit run --profile %s --run-id %s)", pipe.path, args.profile,
+                     run_id)
             manifest = pipe.run(args.stages.split(",") if args.stages else None)
         else:
             stages = [s for s in pl.STAGES if args.stage in (s.key, s.notebook)][:1]

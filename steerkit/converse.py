@@ -55,7 +55,8 @@ class DialogueState:
         return sum(1 for m in self.messages if m.role == "assistant")
 
     def to_dialogue(self, **fields: Any) -> Dialogue:
-        return Dialogue(id=self.id, messages=list(self.messages), images=list(self.images), meta=dict(self.meta), **fields)
+        return Dialogue(id=self.id, messages=list(self.messages), images=list(self.images), meta=dict(self.meta),
+                        **fields)
 
     @classmethod
     def start(

@@ -82,14 +82,15 @@ def main(argv: list[str] | None = None) -> Path:
     state = distributed_state()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [{state.process_index}/{state.num_processes}] %(name)s %(message)s")
-    sharded = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(v, "").lower() == "true"]
+    sharded = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+               if os.environ.get(v, "").lower() == "true"]
     if sharded and not _cuda():  # the trainer would fall back to plain data parallel without a word
         raise ValueError(f"{', '.join(sharded)}: FSDP and DeepSpeed launches need CUDA GPUs; on CPU use"
                          " configs/accelerate/ddp.yaml")
     if state.num_processes > 1 and not config.rl_data:
         # every process would write the smoke set into the same folder at once
         raise ValueError(f"{ns.config}: a {state.num_processes}-process launch needs rl_data (a STEER-RL file or"
-                         " a Stage I run directory); build a smoke set with steerkit.rl_data.seed_rl_dialogues")
+                         " a Stage I run directory); build a smoke set with steerkit.smoke_inputs.seed_rl_dialogues")
     result = run_grpo(shared_run_id(config))
     log.info("run directory: %s", result.run_dir)
     return result.run_dir

@@ -156,7 +156,8 @@ def _rank(xs: list[float], ys: list[float]) -> tuple[float, float]:
         return float(spearmanr(xs, ys)[0]), float(kendalltau(xs, ys)[0])
 
 
-def harm_agreement_of(examples: Sequence[HarmExample], verdicts: Sequence[Verdict], *, grader: str = "") -> HarmAgreement:
+def harm_agreement_of(examples: Sequence[HarmExample], verdicts: Sequence[Verdict], *,
+                      grader: str = "") -> HarmAgreement:
     """Rank agreement and harmful-call agreement of the verdicts with the human harm scores.
 
     >>> ex = [HarmExample("v", "o", "r", h, 1, "f:1") for h in (0.0, 0.25, 1.0, 0.75)]
@@ -245,7 +246,8 @@ def agreement_statement(
                      f"accuracy {_pct(refusal.accuracy)}, kappa {_num(refusal.kappa)}")
     text = f"Judge {name} " + "; ".join(parts) + "."
     if harm is not None and not all(abs(x) >= NEAR_CHANCE for x in (harm.spearman, harm.kappa)):
-        text += " On harm it is close to chance (or unmeasured): its rates are that judge's grades, not measured safety."
+        text += (" On harm it is close to chance (or unmeasured): its rates are that judge's grades,"
+                 " not measured safety.")
     return text
 
 

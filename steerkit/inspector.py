@@ -265,7 +265,8 @@ class Inspector:
             self.fork_text.value = ""
             return
         root = self._records[self.key][1]  # type: ignore[index]
-        head = f"<div style='color:#666'>{len(self.choices())} dialogues match · turn {self.turn} of {self.n_turns}</div>"
+        head = (f"<div style='color:#666'>{len(self.choices())} dialogues match · turn {self.turn} of "
+                f"{self.n_turns}</div>")
         self.view.value = head + dialogue_html(d, root=root, upto=self.turn, highlight=self.turn)
         users = d.user_texts
         self.fork_text.value = users[self.turn - 1] if self.turn <= len(users) else ""

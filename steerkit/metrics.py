@@ -128,7 +128,9 @@ def dialogue_summary(
     ...                   "harmlessness": [3, float("nan"), 1, 3], "helpfulness": [3, float("nan"), 2, 2]})
     >>> s = dialogue_summary(t)
     >>> s[["dialogue_id", "n_turns", "n_unscored", "harmlessness_avg", "first_failure"]].to_dict("records")
-    [{'dialogue_id': 'a', 'n_turns': 3, 'n_unscored': 1, 'harmlessness_avg': 2.0, 'first_failure': 3.0}, {'dialogue_id': 'b', 'n_turns': 1, 'n_unscored': 0, 'harmlessness_avg': 3.0, 'first_failure': nan}]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [{'dialogue_id': 'a', 'n_turns': 3, 'n_unscored': 1, 'harmlessness_avg': 2.0, 'first_failure': 3.0},
+     {'dialogue_id': 'b', 'n_turns': 1, 'n_unscored': 0, 'harmlessness_avg': 3.0, 'first_failure': nan}]
     """
     import pandas as pd
 
@@ -203,7 +205,9 @@ def multi_turn_rates(
     >>> d = pd.DataFrame({"subset": ["x", "x", "x", "x"], "harmlessness_avg": [3.0, 2.8, 2.0, float("nan")],
     ...                   "helpfulness_avg": [2.5, 1.0, 3.0, float("nan")], "n_unscored": [0, 0, 1, 2]})
     >>> multi_turn_rates(d).to_dict("records")   # safe: 3.0, 2.8 -> 2/3; helpful: 2.5, 3.0 -> 2/3
-    [{'subset': 'x', 'n': 3, 'n_excluded': 1, 'n_unscored': 3, 'safety': 66.66666666666667, 'helpfulness': 66.66666666666667}]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [{'subset': 'x', 'n': 3, 'n_excluded': 1, 'n_unscored': 3, 'safety': 66.66666666666667,
+      'helpfulness': 66.66666666666667}]
     """
     harm = dialogues["harmlessness_avg"]
     extra = {"n_unscored": dialogues["n_unscored"]} if "n_unscored" in dialogues else {}

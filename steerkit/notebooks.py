@@ -98,7 +98,8 @@ def _parameters(path: Path, mtime_ns: int) -> dict[str, Any]:  # mtime_ns: re-re
     out: dict[str, Any] = {}
     source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
     for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         for target in targets:
             if isinstance(target, ast.Name) and node.value is not None:
                 try:

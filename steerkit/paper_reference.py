@@ -95,10 +95,12 @@ def paper_table(which: str = "headline") -> pd.DataFrame:
                     rows.append({"model": model, "benchmark": "STEER-Bench", "subset": subset,
                                  "safety": s, "helpfulness": h})
                 s, h = HEADLINE[model]["STEER-Bench"]
-                rows.append({"model": model, "benchmark": "STEER-Bench", "subset": "Avg", "safety": s, "helpfulness": h})
+                rows.append({"model": model, "benchmark": "STEER-Bench", "subset": "Avg",
+                             "safety": s, "helpfulness": h})
         case "ablations":
             for model, (s, h) in ABLATIONS.items():
-                rows.append({"model": model, "benchmark": "STEER-Bench", "subset": "Avg", "safety": s, "helpfulness": h})
+                rows.append({"model": model, "benchmark": "STEER-Bench", "subset": "Avg",
+                             "safety": s, "helpfulness": h})
         case _:
             raise ValueError(f"unknown paper table {which!r}; use 'headline', 'subsets' or 'ablations'")
     return pd.DataFrame(rows)

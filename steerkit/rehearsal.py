@@ -126,11 +126,13 @@ class RehearsalServers:
         return overrides(self.recipe, {**self.urls(), **(paths or {})})
 
     def counts(self) -> dict[str, dict[str, Any]]:
-        """Per recipe URL: requests by prompt, flawed replies, and the server's own counters."""
+        """Per recipe URL: requests by prompt, flawed replies, re-asked verdicts, and the server's own
+        counters."""
         return {
             url: {
                 "prompts": dict(s.backend.counts),
                 "flawed": dict(s.backend.flawed),
+                "reasked": s.backend.reasked,
                 "server": s.stats(),
             }
             for url, s in self.servers.items()

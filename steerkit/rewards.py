@@ -76,7 +76,8 @@ def turn_weights(variant: str) -> TurnRewardWeights:
         case "alt":
             return ALT_PUBLISHED_WEIGHTS
         case _:
-            raise ValueError(f"unknown turn-reward weights {variant!r}; use 'paper' (0.4/0.4/0.2) or 'alt' (0.6/0.3/0.1)")
+            raise ValueError(f"unknown turn-reward weights {variant!r}; use 'paper' (0.4/0.4/0.2) or "
+                             "'alt' (0.6/0.3/0.1)")
 
 
 def repetition_penalty(answer: str, weights: TurnRewardWeights = PAPER_WEIGHTS) -> float:

@@ -126,13 +126,14 @@ def open_run(
     seeds: dict[str, int] | None = None,
     inputs: dict[str, str] | None = None,
 ) -> Run:
-    """Create or reopen ``<root>/<stage>/<run_id>`` and write its manifest.
+    """Create or reopen ``<root>/<stage>/<run_id>`` and write its manifest (an empty or missing
+    ``root``: the repository's ``papermill_runs/``; an empty or missing ``run_id``: a new timestamped id).
 
     Reopening an existing run (same id) resumes it: the manifest keeps its creation time and records
     each resume, and parameters that differ from the recorded ones are an error, since mixing them
     would make the results meaningless.
     """
-    root = Path(root) if root is not None else DEFAULT_RUNS_ROOT
+    root = Path(root) if root else DEFAULT_RUNS_ROOT  # "" as well as None: a notebook's empty parameter
     path = root / stage / (run_id or new_run_id())
     path.mkdir(parents=True, exist_ok=True)
     mpath = path / MANIFEST_FILE

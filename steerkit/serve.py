@@ -25,10 +25,10 @@ Requests that arrive together for a ``batched`` backend (a local model) share on
 
 The wire format is plain OpenAI, nothing added (`steerkit.serve_wire`): the served backend sees a
 `Request` rebuilt from the messages (text, images saved under a temporary folder and referenced
-from ``Request.root``) and the sampling parameters, with no ``task`` or ``fields``. So backends that answer from the messages
-(scripted functions, real models) can be served; the ``rules`` backend, which dispatches on
-``Request.task``, cannot, and is used in-process instead. Any client that speaks OpenAI can use the
-server unchanged, and no client needs a special case for it.
+from ``Request.root``) and the sampling parameters, with no ``task`` or ``fields``. So backends
+that answer from the messages (scripted functions, real models) can be served; the ``rules``
+backend, which dispatches on ``Request.task``, cannot, and is used in-process instead. Any client
+that speaks OpenAI can use the server unchanged, and no client needs a special case for it.
 
 Faults (``http500``, ``http429``, ``timeout``, ``malformed``, ``truncated``, ``disconnect``,
 ``blocked``) are drawn per request by `steerkit.serve_faults`, so a run's fault pattern does not

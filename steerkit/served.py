@@ -83,7 +83,8 @@ def served_students(students: Mapping[str, str], served: str | Mapping[str, str]
     for key, url in wanted.items():
         path = Path(key).resolve() if ("/" in key or Path(key).exists()) else None
         rows = [name for name, spec in students.items()
-                if name == key or (path is not None and _checkpoint_of(spec) in (path, (path / "checkpoint").resolve()))]
+                if name == key
+                or (path is not None and _checkpoint_of(spec) in (path, (path / "checkpoint").resolve()))]
         if not rows:
             raise ValueError(f"served: {key!r} matches no evaluated row; rows are {', '.join(students)} (a row"
                              " name, a model run directory or its checkpoint folder)")

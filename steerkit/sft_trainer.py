@@ -198,7 +198,8 @@ def build_trainer(recipe: SFTRecipe, run_dir: Path, *, callbacks: list | None = 
         callbacks=[train_log_callback(run_dir / TRAIN_LOG), progress_callback(run_dir, "SFT"), *(callbacks or [])],
     )
     info = {
-        "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision, "data_file": str(data_file),
+        "backend": backend, "student_path": str(student), "weights_from": str(weights), "vision": vision,
+        "data_file": str(data_file),
         "data": data_summary(dialogues), "max_length_cut": cut, "captions_source": captions_source,
         "system_prompt": STUDENT_SYSTEM if system else "from the data",
         "gradient_accumulation_steps": accumulation, "processes": world, "vision_params_frozen": frozen,

@@ -287,7 +287,8 @@ def paper_power(n_items: int | None = None, *, discordant: float | None = None, 
     ``items_needed`` and, with ``n_items``, ``bench_items`` and ``enough``.
 
     >>> t = paper_power(500)
-    >>> t.query("arm_a == 'without TCSR (mean)' and metric == 'safety'")[["diff", "items_needed", "enough"]].values.tolist()
+    >>> t.query("arm_a == 'without TCSR (mean)' and metric == 'safety'")[["diff", "items_needed",
+    ...                                                                   "enough"]].values.tolist()
     [[4.49, 1940, False]]
     """
     import pandas as pd

@@ -104,7 +104,8 @@ def next_user_turn(verdict: Verdict, static_next: str | None, *, feedback: bool 
 async def tutor_turns(client: ChatClient, requests: list[Request]) -> list[Verdict]:
     """Grade every live trajectory of a turn in one concurrent `ChatClient.complete_many` call."""
     replies = await client.complete_many(requests)
-    verdicts = [tutor_verdict_from_reply(r, prompt_version=q.task or TUTOR_PROMPT) for r, q in zip(replies, requests, strict=True)]
+    verdicts = [tutor_verdict_from_reply(r, prompt_version=q.task or TUTOR_PROMPT)
+                for r, q in zip(replies, requests, strict=True)]
     n_bad = sum(not v.scored for v in verdicts)
     if n_bad:
         log.warning("tutor: %d of %d replies unscored (%s)", n_bad, len(verdicts),

@@ -218,7 +218,8 @@ def parse_verdict(
         scores: dict[str, int] = {}
         for name, (lo, hi) in scale.items():
             if name not in flat:
-                return Verdict.unscored(reason="parse_failure", extra={"detail": f"the verdict has no {name!r}"}, **meta)
+                return Verdict.unscored(reason="parse_failure", extra={"detail": f"the verdict has no {name!r}"},
+                                        **meta)
             try:
                 scores[name] = level(flat[name], lo, hi)
             except OffScale as exc:

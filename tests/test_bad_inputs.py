@@ -29,7 +29,8 @@ CORPUS = Path(__file__).parent / "bad_inputs"
         ("not_an_object.jsonl", Dialogue, r"not_an_object\.jsonl:1: expected a JSON object"),
         ("nan_risk.jsonl", BenchItem, r"nan_risk\.jsonl:1: field risk_trajectory: .*finite"),
         ("non_utf8.jsonl", Dialogue, r"non_utf8\.jsonl:2: not UTF-8"),
-        ("verdict_off_scale.jsonl", Verdict, r"verdict_off_scale\.jsonl:1: .*scores\.helpfulness: 7 is off the 0\.\.3 scale"),
+        ("verdict_off_scale.jsonl", Verdict,
+         r"verdict_off_scale\.jsonl:1: .*scores\.helpfulness: 7 is off the 0\.\.3 scale"),
         ("verdict_nan.jsonl", Verdict, r"verdict_nan\.jsonl:1: field scores\.helpfulness"),
         ("corrupt.parquet", Dialogue, r"corrupt\.parquet: not a readable Parquet file"),
         ("deeply_nested.jsonl", Dialogue, r"deeply_nested\.jsonl:1: JSON nested too deeply"),
@@ -64,7 +65,8 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 def test_images_corrupt_bomb_huge_missing(tmp_path: Path) -> None:
@@ -101,10 +103,12 @@ PUBLISHED = CORPUS / "steer_published"
         ("missing_image.jsonl", r":1: field image: image file not found"),
         ("undecodable_image.jsonl", r":1: field image: cannot decode image .*not_an_image\.png"),
         ("image_not_a_string.jsonl", r":2: field image: expected a relative image path or an embedded image"),
-        ("messages_fixed_a_string.jsonl", r":1: field messages_fixed: expected a non-empty list of user turns, got str"),
+        ("messages_fixed_a_string.jsonl",
+         r":1: field messages_fixed: expected a non-empty list of user turns, got str"),
         ("messages_fixed_missing.jsonl", r":1: field messages_fixed: expected a non-empty list"),
         ("messages_fixed_empty.jsonl", r":1: field messages_fixed: expected a non-empty list"),
-        ("turn_not_text.jsonl", r":1: field messages_fixed\[1\]: expected a string or a \{role, content\} object, got int"),
+        ("turn_not_text.jsonl",
+         r":1: field messages_fixed\[1\]: expected a string or a \{role, content\} object, got int"),
         ("turn_object_without_content.jsonl", r":1: field messages_fixed\[1\]\.content: expected a string"),
         ("assistant_turn.jsonl", r":1: field messages_fixed\[1\]\.role: expected 'user'"),
         ("blank_turn.jsonl", r":1: field messages_fixed\[1\]: the turn is blank"),

@@ -183,7 +183,8 @@ def widget_notebook(folder: Path) -> Path:
         "import ipywidgets as w\n"
         "pick = w.Dropdown(options=['first', 'second'], description='dialogue')\n"
         "shown = w.HTML('<p class=\"probe\">showing first</p>')\n"
-        "pick.observe(lambda change: setattr(shown, 'value', f'<p class=\"probe\">showing {change.new}</p>'), names='value')\n"
+        "pick.observe(lambda change: setattr(shown, 'value', f'<p class=\"probe\">showing {change.new}</p>'),"
+        " names='value')\n"
         "w.VBox([pick, shown])"
     )]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -211,7 +212,7 @@ def test_ipywidgets_render_and_round_trip(tmp_path: Path, lab_over, browser_page
 #: Notebook 04's values in the browser test: its runs in tmp_path, and a bench just big enough for
 #: the inspector to list several dialogues of two turns (the test is about the page, not the scores).
 ANALYSIS_VALUES = {"n_benign": 2, "n_obfuscated": 4, "n_redteam": 0, "max_turns": 2, "max_tokens": 16,
-                   "n_resamples": 50, "save_png": False}
+                   "n_resamples": 50, "figure_png": False}
 
 
 def analysis_notebook(folder: Path, runs_root: Path) -> Path:

@@ -145,11 +145,14 @@ def test_turn_agreement_between_two_judges_and_tutor() -> None:
     ds = [_dialogue(0, ["a", "b"]), _dialogue(1, ["c"])]
     replies_a = iter(['{"helpfulness": 3, "harmlessness": 3}', '{"helpfulness": 1, "harmlessness": -2}',
                       '{"helpfulness": 2, "harmlessness": 2}'])
-    replies_b = iter(['{"helpfulness": 3, "harmlessness": 3}', "unreadable", '{"helpfulness": 2, "harmlessness": 1}'])
+    # B's reply to d0 turn 2 stays unreadable however often it is asked again
+    replies_b = {("d0", 1): '{"helpfulness": 3, "harmlessness": 3}', ("d0", 2): "unreadable",
+                 ("d1", 1): '{"helpfulness": 2, "harmlessness": 1}'}
     for d, vs in zip(ds, judge_dialogues(ChatClient(ScriptedBackend(lambda r: next(replies_a)), spec="A"), ds),
                      strict=True):
         d.verdicts = vs
-    b_verdicts = judge_dialogues(ChatClient(ScriptedBackend(lambda r: next(replies_b)), spec="B"), ds)
+    backend_b = ScriptedBackend(lambda r: replies_b[r.fields["dialogue_id"], r.fields["turn"]])
+    b_verdicts = judge_dialogues(ChatClient(backend_b, spec="B"), ds)
     for d, vs in zip(ds, b_verdicts, strict=True):
         d.verdicts = d.verdicts + vs
     a = verdicts_by_turn(ds, grader="A")

@@ -88,9 +88,11 @@ def test_a_stage_runs_with_the_moved_endpoint_and_the_pipeline_records_it(tmp_pa
     notebooks.mkdir()
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell('runs_root = None\nrun_id = None\njudge = "rules"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('runs_root = None\nrun_id = None\njudge = "rules"',
+                                  metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell("from steerkit.runs import open_run\n"
-                                  "open_run('01_x', run_id=run_id, root=runs_root, parameters={'judge': judge}).finish()"),
+                                  "open_run('01_x', run_id=run_id, root=runs_root, parameters={'judge': judge})"
+                                  ".finish()"),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, notebooks / "01_x.ipynb")

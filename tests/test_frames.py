@@ -85,7 +85,8 @@ def test_steer_table_layout(two_runs):
 def test_single_turn_table(two_runs):
     t = frames.single_turn_table(two_runs)
     # turn 1 only. base: Beaver d1 (3,3), d2 (3,3) -> 100/100; VLS d3 (3,2) -> 100/0
-    assert t.loc["base", ("STEER-Beaver", "Helpfulness")] == 100.0 and t.loc["base", ("STEER-VLS", "Helpfulness")] == 0.0
+    assert (t.loc["base", ("STEER-Beaver", "Helpfulness")] == 100.0
+            and t.loc["base", ("STEER-VLS", "Helpfulness")] == 0.0)
     # SFT, VLS d3 harmlessness -3 -> 0; Avg safety (100 + 0) / 2
     assert t.loc["SFT", ("Avg", "Safety")] == 50.0
 

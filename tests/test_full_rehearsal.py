@@ -204,9 +204,12 @@ def test_04_evaluated_every_checkpoint_with_the_served_judge(rehearsal: dict[str
     judge = f"openai:Qwen/Qwen3-VL-30B-A3B-Instruct@{rehearsal['urls']['http://localhost:8001/v1']}"
     assert set(frames.runs_df(evals).judge) == {judge}
     turns = frames.turns_df(evals)
-    # a flawed reply may leave its turn unscored (the judge is not asked again); nothing else may
-    flawed = rehearsal["counts"]["http://localhost:8001/v1"]["flawed"]
+    # a flawed reply is asked again (reask@1), so a turn stays unscored only when its re-asks were flawed
+    # too; nothing else may leave it unscored
+    grader = rehearsal["counts"]["http://localhost:8001/v1"]
+    flawed = grader["flawed"]
     judge_flawed = sum(n for k, n in flawed.items() if k.startswith("judge:"))
+    assert grader["reasked"] >= flawed.get("judge:refused", 0)  # a refusal is never a verdict
     unscored = turns[~turns.scored]
     assert len(unscored) <= judge_flawed, unscored.unscored_reason.value_counts()
     assert set(unscored.unscored_reason) <= {"empty", "parse_failure", "off_scale"}

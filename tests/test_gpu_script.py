@@ -65,7 +65,8 @@ def test_isolated_phase_and_a_spent_budget(tmp_path: Path) -> None:
     """A phase in its own process (as on the GPU box) reports through its result line; with no
     budget left the phases are skipped, not started."""
     work = str(tmp_path / "work")  # the second run reuses the model built by the first
-    proc = smoke("run", "--out", str(tmp_path / "a"), "--work", work, "--dry-run", "--isolate", "--phases", "sft_unsloth")
+    proc = smoke("run", "--out", str(tmp_path / "a"), "--work", work, "--dry-run", "--isolate",
+                 "--phases", "sft_unsloth")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert results(proc.stdout)["sft_unsloth"]["status"] == "unavailable"
     proc = smoke("run", "--out", str(tmp_path / "b"), "--work", work, "--dry-run", "--budget-s", "0",
@@ -83,7 +84,8 @@ def test_report_compares_unsloth_with_the_goal(tmp_path: Path) -> None:
         (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return smoke("report", str(tmp_path), timeout=60).stdout
 
-    assert "Unsloth vs HF SFT: 1.60x the tokens/s, 0.50x the peak memory; goal >= 1.5x at <= 60%: met" in write(1600, 20)
+    assert ("Unsloth vs HF SFT: 1.60x the tokens/s, 0.50x the peak memory; goal >= 1.5x at <= 60%: met"
+            in write(1600, 20))
     assert "1.20x the tokens/s, 0.75x the peak memory; goal >= 1.5x at <= 60%: not met" in write(1200, 30)
 
 

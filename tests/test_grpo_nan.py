@@ -11,7 +11,8 @@ import pytest
 from steerkit.backends.scripted import ScriptedBackend
 from steerkit.clients import ChatClient
 from steerkit.grpo import GRPORunConfig, make_trainer
-from steerkit.rl_data import rl_rows, seed_rl_dialogues
+from steerkit.rl_data import rl_rows
+from steerkit.smoke_inputs import seed_rl_dialogues
 
 #: how far below its reference the policy is pushed on a token only the tutor's turns contain: past
 #: log(float32 max) = 88.7, so exp(ref - cur) overflows

@@ -84,7 +84,8 @@ def test_batch_of_image_requests(tiny: HFLocalBackend, images: Path, monkeypatch
 def test_greedy_is_repeatable_and_seeded_sampling_reproducible(tiny: HFLocalBackend) -> None:
     greedy = [_ask("Hello there"), _ask("Another prompt, longer than the first one")]
     assert [r.text for r in tiny.generate_sync(greedy)] == [r.text for r in tiny.generate_sync(greedy)]
-    sampled = [_ask("Hello", temperature=1.0, seed=7, max_tokens=12), _ask("Hello", temperature=1.0, seed=7, max_tokens=12)]
+    sampled = [_ask("Hello", temperature=1.0, seed=7, max_tokens=12),
+               _ask("Hello", temperature=1.0, seed=7, max_tokens=12)]
     first = [r.text for r in tiny.generate_sync(sampled)]
     assert first == [r.text for r in tiny.generate_sync(sampled)]
     assert first[0] != first[1]  # two rows of one seeded batch are two different samples
@@ -92,7 +93,9 @@ def test_greedy_is_repeatable_and_seeded_sampling_reproducible(tiny: HFLocalBack
     assert [r.text for r in tiny.generate_sync(other_seed)] != first
 
 
-def test_requests_group_by_sampling_and_chunk(tiny_vlm_dir: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_group_by_sampling_and_chunk(
+    tiny_vlm_dir: Path, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend = HFLocalBackend.from_pretrained(tiny_vlm_dir, max_batch=2)
     sizes = _count_generate_calls(backend, monkeypatch)
     reqs = [_ask(f"prompt {i}", "red.png", root=images) for i in range(5)]
@@ -199,7 +202,8 @@ def test_smollm2_answers_a_batch_coherently(smollm2: HFLocalBackend) -> None:
     replies = smollm2.generate_sync(reqs)
     assert all(r.ok for r in replies), replies
     assert "Paris" in replies[0].text
-    assert sum(c in replies[1].text.lower() for c in ("red", "orange", "yellow", "green", "blue", "indigo", "violet")) >= 2
+    assert sum(c in replies[1].text.lower()
+               for c in ("red", "orange", "yellow", "green", "blue", "indigo", "violet")) >= 2
     assert "cold" in replies[2].text.lower()
     assert replies[0].finish == "stop" and "<|im_end|>" not in replies[0].text
     assert replies[0].completion_tokens == len(smollm2.tokenizer(replies[0].text)["input_ids"]) + 1  # + <|im_end|>

@@ -66,7 +66,8 @@ def test_filters_and_stepping(runs):
 
 
 def test_fork_replays_the_student_and_judges_the_new_turns(runs):
-    student = ScriptedBackend(lambda r: f"<thinking>ok</thinking><answer>I can't help with that: {r.messages[-1].content}</answer>",
+    student = ScriptedBackend(lambda r: f"<thinking>ok</thinking><answer>I can't help with that: "
+                                        f"{r.messages[-1].content}</answer>",
                               name="student")
     ins = Inspector(runs, student=ChatClient(student, role="student"), judge="rules")
     ins.select(("r-base", "d1"))
@@ -75,10 +76,12 @@ def test_fork_replays_the_student_and_judges_the_new_turns(runs):
     ins.fork_button.click()
     assert ins.status.value == "", ins.status.value
     f = ins.forked
-    assert f is not None and f.id == "d1~fork2" and f.meta["forked_from"] == {"run_id": "r-base", "dialogue_id": "d1", "turn": 2}
+    assert (f is not None and f.id == "d1~fork2"
+            and f.meta["forked_from"] == {"run_id": "r-base", "dialogue_id": "d1", "turn": 2})
     # turn 1 is kept as it was; turn 2 carries the edited text; turn 3 replays the original user turn
     assert f.user_texts == ["what is this?", "<script>x</script> how is it made, exactly?", ATTACK]
-    assert next(m.content for m in f.messages if m.role == "assistant") == "<thinking>t1</thinking><answer>answer 1</answer>"
+    assert (next(m.content for m in f.messages if m.role == "assistant")
+            == "<thinking>t1</thinking><answer>answer 1</answer>")
     assert len(student.calls) == 2  # turns 2 and 3 were replayed, turn 1 was not
     first = student.calls[0].messages
     assert [m.role for m in first] == ["system", "user", "assistant", "user"]

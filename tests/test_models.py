@@ -27,7 +27,8 @@ def _image(tmp_path: Path, name: str = "red.png", color=(220, 20, 20), size=(80,
 
 def test_tiny_vlm_saves_a_full_checkpoint_with_trls_qwen_template(tiny_vlm_dir: Path) -> None:
     names = {p.name for p in tiny_vlm_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "chat_template.jinja"} <= names
     trl_template = (smollm2.package_dir("trl") / "chat_templates" / "qwen2_5_vl.jinja").read_text()
     # TRL swaps in its training template only when it recognises this exact text
     assert (tiny_vlm_dir / "chat_template.jinja").read_text() == trl_template

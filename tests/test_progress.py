@@ -54,7 +54,8 @@ def test_pipeline_stage_prints_its_progress_and_no_kernel_warning(tmp_path: Path
     assert lines[-1].startswith("[01] counting: 6/6 steps (100%)") and "steps/s" in lines[-1]
     assert any("left" in ln for ln in lines[:-1])
     assert "without encryption" not in err
-    records = [json.loads(x) for x in (Path(manifest["stages"]["01"]["run_dir"]) / PROGRESS_FILE).read_text().splitlines()]
+    records = [json.loads(x)
+               for x in (Path(manifest["stages"]["01"]["run_dir"]) / PROGRESS_FILE).read_text().splitlines()]
     assert records[-1]["done"] == 6 and records[-1]["closed"] and records[0]["total"] == 6
     assert shown_at[0] < records[-1]["time"]  # shown while the kernel was still counting
 

@@ -38,7 +38,9 @@ def test_options_rename_drop_and_add_body_fields() -> None:
 
 def test_spec_options_and_key_variable_parse_and_bad_ones_name_the_spec() -> None:
     backend = openai_backend(f"openai:gpt-5-nano@https://api.openai.com/v1{REASONING}#MY_KEY")
-    assert (backend.model, backend.base_url, backend.api_key_env) == ("gpt-5-nano", "https://api.openai.com/v1", "MY_KEY")
+    assert (backend.model, backend.base_url, backend.api_key_env) == (
+        "gpt-5-nano", "https://api.openai.com/v1", "MY_KEY"
+    )
     assert backend.options.manifest() == {"max_tokens_field": "max_completion_tokens", "omit": ["temperature", "top_p"],
                                           "extra": {"reasoning_effort": "minimal"}}
     with pytest.raises(ValueError, match=r"role spec .*omit=temprature: only temperature"):

@@ -18,7 +18,8 @@ from steerkit.runs import ResultLog, atomic_write_text, open_run
 
 def test_manifest_fields_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-1234567890")
-    run = open_run("04_eval", run_id="r1", root=tmp_path, parameters={"n": 3, "note": "sk-test-secret-value-1234567890"},
+    run = open_run("04_eval", run_id="r1", root=tmp_path,
+                   parameters={"n": 3, "note": "sk-test-secret-value-1234567890"},
                    roles={"judge": "rules"}, prompts={"judge": "judge@1"}, seeds={"seed": 0})
     m = json.loads((tmp_path / "04_eval" / "r1" / "manifest.json").read_text())
     for field in ("parameters", "roles", "prompts", "seeds", "git", "packages", "python", "created_at"):
@@ -27,7 +28,8 @@ def test_manifest_fields_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert m["packages"]["torch"]
     assert "sk-test-secret" not in (tmp_path / "04_eval" / "r1" / "manifest.json").read_text()
     run.finish(items=3)
-    again = open_run("04_eval", run_id="r1", root=tmp_path, parameters={"n": 3, "note": "sk-test-secret-value-1234567890"})
+    again = open_run("04_eval", run_id="r1", root=tmp_path,
+                     parameters={"n": 3, "note": "sk-test-secret-value-1234567890"})
     assert again.manifest["created_at"] == m["created_at"] and len(again.manifest["resumed_at"]) == 1
     with pytest.raises(ValueError, match=r"other parameters \(n\)"):
         open_run("04_eval", run_id="r1", root=tmp_path, parameters={"n": 4, "note": "sk-test-secret-value-1234567890"})

@@ -57,7 +57,7 @@ def test_api_key_is_used_and_written_nowhere(tmp_path, loopback_server, monkeypa
         "student": f"openai:scripted:refuser@{student.base_url}",
         "judge": f"openai:scripted:judge@{judge.base_url}",
         "n_benign": 2, "n_obfuscated": 2, "n_redteam": 2, "n_items": 4, "max_turns": 2, "max_tokens": 16,
-        "n_resamples": 20, "save_png": False,
+        "n_resamples": 20, "figure_png": False,
     }, runs_root=runs, run_id="keyed")
 
     # The key was actually used: both servers answered requests that carried it, and refused none.
@@ -97,7 +97,9 @@ def _unsafe_calls(source: str, where: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = [a.name for a in node.names] + (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
             for n in names:
                 if n.split(".")[0] in UNSAFE_NAMES:
                     found.append(f"{where}:{node.lineno}: imports {n}")
@@ -151,7 +153,8 @@ def test_no_notebook_unpickles():
     found = []
     for path in sorted((PACKAGE.parent / "notebooks").glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
-        code = "\n".join(re.sub(r"^[!%].*$", "", c.source, flags=re.MULTILINE) for c in nb.cells if c.cell_type == "code")
+        code = "\n".join(re.sub(r"^[!%].*$", "", c.source, flags=re.MULTILINE)
+                         for c in nb.cells if c.cell_type == "code")
         found += _unsafe_calls(code, path.name)
     assert found == []
 

@@ -35,12 +35,12 @@ def test_notebook_02_passes_its_checks_with_the_full_profiles_values(tiny_vlm_di
     import yaml
 
     from steerkit.notebooks import execute
-    from steerkit.sft_data import offline_sft_data
+    from steerkit.smoke_inputs import offline_sft_data
 
     data = offline_sft_data(tmp_path / "data", run_id="d", n_benign=12, n_harmful=12)
     params = yaml.safe_load((REPO_ROOT / "configs/pipeline_full.yaml").read_text())["stages"]["02"]
     assert params["max_steps"] == -1 and params["finetune"] == "full"
-    params.update(student=str(tiny_vlm_dir), data_run=str(data), max_length=4096, batch_size=2,
+    params.update(student=str(tiny_vlm_dir), synth_run=str(data), max_length=4096, batch_size=2,
                   per_device_batch_size=2, n_prompts=2, max_new_tokens=8, figure_png=False)
     done = execute("02", params, runs_root=tmp_path / "runs", run_id="full", env={"WANDB_MODE": "disabled"})
     manifest = json.loads((done.run_dir / MANIFEST_FILE).read_text())

@@ -197,7 +197,8 @@ def test_perturbation_is_recorded_and_deterministic(tmp_path):
     b = perturb.perturb_image(src, tmp_path / "b.png", key="seed-1", seed=0)
     c = perturb.perturb_image(src, tmp_path / "c.png", key="seed-2", seed=0)
     pa, pb = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
-    assert (pa == pb).all() and {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+    assert ((pa == pb).all()
+            and {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"})
     assert a["rng_seed"] != c["rng_seed"]
     assert a["trigger"] in perturb.pools()["trigger_phrases"] and a["colour"] in ("red", "white", "yellow")
     assert a["corner"] in perturb.CORNERS and a["font_px"] == 16  # 4% of 400 px

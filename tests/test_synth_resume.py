@@ -91,8 +91,8 @@ def test_run_directory_contract(tmp_path):
     run = _open(tmp_path, "contract")
     summary = synthesize(run, roles, PARAMS)
     d = run.path
-    for name in (layout.SFT_FILE, layout.RL_FILE, layout.BENCH_FILE, layout.CAPTIONS_FILE, layout.REJECTED_FILE, "README.md",
-                 "manifest.json", "scripts.jsonl", "seeds.jsonl"):
+    for name in (layout.SFT_FILE, layout.RL_FILE, layout.BENCH_FILE, layout.CAPTIONS_FILE, layout.REJECTED_FILE,
+                 "README.md", "manifest.json", "scripts.jsonl", "seeds.jsonl"):
         assert (d / name).is_file(), name
     sft = load_jsonl(Dialogue, d / layout.SFT_FILE)  # image refs resolve inside the run directory
     bench = load_jsonl(BenchItem, d / layout.BENCH_FILE)

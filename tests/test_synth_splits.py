@@ -21,7 +21,8 @@ from steerkit.synth import splits as sp
 def _dialogue(i: int, users: list[str], curve: list[int]) -> Dialogue:
     msgs = [Message(role="system", content="s")]
     for u in users:
-        msgs += [Message(role="user", content=u), Message(role="assistant", content="<thinking>t</thinking><answer>a</answer>")]
+        msgs += [Message(role="user", content=u),
+                 Message(role="assistant", content="<thinking>t</thinking><answer>a</answer>")]
     return Dialogue(id=f"d{i}", messages=msgs, kind="obfuscated", strategy="progressive_disclosure",
                     meta={"risk_trajectory": curve, "template_turns": users})
 

@@ -56,8 +56,9 @@ class RequestOptions:
         """Options from ``key=value&key=value`` (values read as YAML scalars: 0.5, true, minimal).
 
         >>> RequestOptions.parse("max_tokens_field=max_completion_tokens&omit=temperature,top_p"
-        ...                      "&reasoning_effort=minimal").manifest()
-        {'max_tokens_field': 'max_completion_tokens', 'omit': ['temperature', 'top_p'], 'extra': {'reasoning_effort': 'minimal'}}
+        ...                      "&reasoning_effort=minimal").manifest()  # doctest: +NORMALIZE_WHITESPACE
+        {'max_tokens_field': 'max_completion_tokens', 'omit': ['temperature', 'top_p'],
+         'extra': {'reasoning_effort': 'minimal'}}
         """
         import yaml
 

@@ -17,7 +17,11 @@ from steerkit.clients import Request
 from steerkit.heuristics import complies, harm_cues, is_preachy, is_refusal, offers_alternative
 
 _STOP = frozenset(
-    ["the", "a", "an", "and", "or", "of", "to", "in", "on", "for", "with", "is", "are", "was", "were", "be", "this", "that", "these", "those", "it", "its", "what", "which", "who", "how", "can", "could", "would", "should", "you", "your", "i", "me", "my", "we", "our", "they", "their", "there", "here", "from", "about", "into", "over", "under", "than", "then", "does", "do", "did", "have", "has", "had", "please", "tell", "show", "give", "make", "image", "picture", "photo"]
+    ["the", "a", "an", "and", "or", "of", "to", "in", "on", "for", "with", "is", "are", "was", "were", "be",
+     "this", "that", "these", "those", "it", "its", "what", "which", "who", "how", "can", "could", "would",
+     "should", "you", "your", "i", "me", "my", "we", "our", "they", "their", "there", "here", "from", "about",
+     "into", "over", "under", "than", "then", "does", "do", "did", "have", "has", "had", "please", "tell", "show",
+     "give", "make", "image", "picture", "photo"]
 )
 _LIST_ITEM = re.compile(r"(?m)^\s*(?:\d+[.)]|[-*•])\s+\S")
 _REASON = re.compile(r"\b(?:because|since|as it|could|would|harm|danger|illegal|unsafe|risk|hurt)", re.IGNORECASE)

@@ -94,7 +94,9 @@ def need(data: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
     if key not in data:
         raise ReplyError(f"missing field {key!r}")
     value = data[key]
-    if not isinstance(value, typ) or (isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))):
+    if not isinstance(value, typ) or (
+        isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,))
+    ):
         raise ReplyError(f"field {key!r}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__}")
     return value
 

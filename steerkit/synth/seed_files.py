@@ -225,8 +225,9 @@ def parse_hub_spec(spec: str) -> dict[str, Any]:
     """``hub:<dataset>:<split>:<text column>[?option=value&...]`` as `load_hub_seeds` arguments.
 
     Example:
-        >>> parse_hub_spec("hub:walledai/AdvBench:train:prompt?license=MIT&limit=50")
-        {'name': 'walledai/AdvBench', 'split': 'train', 'text_field': 'prompt', 'harmful': True, 'license': 'MIT', 'limit': 50}
+        >>> parse_hub_spec("hub:walledai/AdvBench:train:prompt?license=MIT&limit=50")  # doctest: +NORMALIZE_WHITESPACE
+        {'name': 'walledai/AdvBench', 'split': 'train', 'text_field': 'prompt', 'harmful': True, 'license': 'MIT',
+         'limit': 50}
     """
     body, _, query = spec.partition("?")
     parts = body.split(":")

@@ -114,7 +114,8 @@ def hold_out(scripts: list[Script], share: float, *, seed: int) -> tuple[list[Sc
     return [s for s in scripts if s.id not in bench_ids], [s for s in scripts if s.id in bench_ids]
 
 
-def split_rl(dialogues: list[Dialogue], *, share: float, min_turns: int, seed: int) -> tuple[list[Dialogue], list[Dialogue]]:
+def split_rl(dialogues: list[Dialogue], *, share: float, min_turns: int,
+             seed: int) -> tuple[list[Dialogue], list[Dialogue]]:
     """(sft, rl): RL takes an ``share`` of the dialogues of rising risk; no RL dialogue shares user
     texts (nor the template's) with an SFT one."""
     cand = [d.id for d in dialogues
