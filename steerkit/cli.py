@@ -86,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_id = run_id or pl.new_pipeline_id(profile)
             pipe = pl.Pipeline(recipe, run_id, runs_root=args.runs_root, notebooks_dir=args.notebooks_dir,
                                sets=args.sets, log_output=args.verbose, show_progress=not args.no_progress)
-            log.info("pipeline %s (resume it with: steerkit run --profile %s --run-id %s)", pipe.path, args.profile,
-                     run_id)
+            log.info("pipeline %s (resume it with: %s)", pipe.path, pl.resume_command("run", args, run_id))
             manifest = pipe.run(args.stages.split(",") if args.stages else None)
         else:
             stages = [s for s in pl.STAGES if args.stage in (s.key, s.notebook)][:1]

@@ -396,6 +396,30 @@ def new_pipeline_id(profile: str | None) -> str:
     return new_run_id(f"{profile}-" if profile else "")
 
 
+def resume_command(command: str, args: Any, run_id: str) -> str:
+    """The command line that resumes this run: a resume must repeat the recipes, ``--set`` values and
+    grid it was started with (a changed recipe is refused), so the hint carries them all.
+
+    >>> from argparse import Namespace
+    >>> a = Namespace(profile="smoke", config=["my.yaml"], sets=["03.alpha=0.5"], grid=["seed=0,1"],
+    ...               stages=None, runs_root=DEFAULT_RUNS_ROOT, notebooks_dir=NOTEBOOKS_DIR)
+    >>> resume_command("sweep", a, "sweep-smoke-1")
+    'steerkit sweep --profile smoke --config my.yaml --set 03.alpha=0.5 --grid seed=0,1 --run-id sweep-smoke-1'
+    """
+    import shlex
+
+    words = ["steerkit", command, "--profile", args.profile]
+    for flag, values in (("--config", args.config), ("--set", args.sets), ("--grid", getattr(args, "grid", None))):
+        words += [w for v in values or () for w in (flag, str(v))]
+    if getattr(args, "stages", None):
+        words += ["--stages", args.stages]
+    for flag, value, default in (("--runs-root", args.runs_root, DEFAULT_RUNS_ROOT),
+                                 ("--notebooks-dir", args.notebooks_dir, NOTEBOOKS_DIR)):
+        if Path(value).resolve() != Path(default).resolve():
+            words += [flag, str(value)]
+    return shlex.join([*words, "--run-id", run_id])
+
+
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
     """One line per stage: key, status, wall time, kernel CPU time and run directory."""
     stages = manifest.get("stages", {})

@@ -424,8 +424,7 @@ def command(args: Any, profile: str | None) -> int:
             for row in sweep.plan():
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
             return 0
-        log.info("sweep %s (resume it with: steerkit sweep --profile %s --run-id %s)",
-                 sweep.path, args.profile, run_id)
+        log.info("sweep %s (resume it with: %s)", sweep.path, pl.resume_command("sweep", args, run_id))
         sweep.run()
     except (StageError, ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         log.error("%s", e)

@@ -87,6 +87,23 @@ def executions(run_dir: Path) -> int:
     return len((run_dir / "executions.log").read_text().split())
 
 
+@pytest.mark.parametrize("argv", [
+    ["sweep", "--profile", "smoke", "--config", "my recipes/a.yaml", "--set", "03.alpha=0.5", "--grid", "seed=0,1"],
+    ["run", "--profile", "full", "--config", "b.yaml", "--set", "endpoints.grader=openai:m@http://h:8001/v1",
+     "--stages", "03_tcsr,04", "--runs-root", "/data/runs"],
+])
+def test_the_resume_hint_repeats_everything_the_run_was_started_with(argv: list[str]) -> None:
+    """A resume with another recipe or --set is refused, so the logged hint must parse back to the
+    same arguments, run id added."""
+    import shlex
+
+    from steerkit.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    again = build_parser().parse_args(shlex.split(pl.resume_command(argv[0], args, "ID"))[1:])
+    assert vars(again) == {**vars(args), "run_id": "ID"}
+
+
 def test_stage_key_names_one_notebook(stand_ins: Path) -> None:
     assert notebook_path("03", stand_ins).name == "03_stand_in.ipynb"
     with pytest.raises(FileNotFoundError, match="numbered notebooks there: 01_stand_in"):
