@@ -132,6 +132,24 @@ def test_the_smoke_profile_plans_three_alphas_by_two_seeds(
     assert recipe["endpoints"]["policy"].startswith("openai:")
 
 
+def test_the_alpha_study_runs_the_demos_grpo_and_evaluation(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/sweep_alpha_cpu.yaml puts back the demo's sizes over the smoke sweep's, so its cell
+    alpha 0.3 seed 0 is the demo's GRPO-TCSR run; the two recipes must not drift apart."""
+    from steerkit import pipeline as pl
+    from steerkit.cli import main
+
+    alpha_study = str(REPO_ROOT / "configs" / "sweep_alpha_cpu.yaml")
+    assert main(["sweep", "--profile", "smoke", "--config", alpha_study, "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        f"cell=cell-alpha_{a}-seed_{s}" for a in ("0.0", "0.3", "1.0") for s in (0, 1)]
+    demo = pl.load_recipe("smoke")["stages"]
+    study = sw.load_recipe("smoke", [alpha_study])["stages"]
+    for stage in ("01", "02", "03", "04"):
+        own = yaml.safe_load(Path(alpha_study).read_text())["stages"][stage]
+        assert {k: study[stage][k] for k in own} == {k: demo[stage][k] for k in own}, stage
+
+
 def test_bad_grids_and_sets_are_refused_before_anything_runs(
     tmp_path: Path, stand_ins: Path
 ) -> None:
