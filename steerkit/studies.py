@@ -50,13 +50,19 @@ def over_seeds(table: pd.DataFrame, *, level: float = metrics.CI_LEVEL) -> pd.Da
     """Per (arm, subset, metric) of a `tidy` table: the mean rate over seeds, its Student-t interval
     (``lo``/``hi``, NaN with one seed) and ``seeds``, the arm's grid values beside it.
 
+    The interval is cut to the rates' range, 0..100: with two seeds t(0.975, df 1) = 12.7 makes it
+    run far past both ends, and a rate below 0 or above 100 says nothing a reader can use.
+
     >>> import pandas as pd
     >>> t = pd.DataFrame({"arm": ["A", "A"], "subset": ["all"] * 2, "metric": ["safety"] * 2,
     ...                   "label": ["A s0", "A s1"], "seed": [0, 1], "n": [4, 4],
     ...                   "value": [40.0, 60.0]})
-    >>> r = over_seeds(t).iloc[0]   # half width: t(0.975, df 1) = 12.706 times sd 14.14 / sqrt(2)
-    >>> float(r["mean"]), round(float(r["hi"] - r["mean"]), 2)
-    (50.0, 127.06)
+    >>> r = over_seeds(t).iloc[0]   # half width: 12.706 times sd 14.14 / sqrt(2) = 127.06
+    >>> float(r["mean"]), float(r["lo"]), float(r["hi"])
+    (50.0, 0.0, 100.0)
+    >>> r = over_seeds(t.assign(value=[49.0, 51.0])).iloc[0]
+    >>> round(float(r["lo"]), 2), round(float(r["hi"]), 2)
+    (37.29, 62.71)
     """
     import pandas as pd
     from scipy import stats as st
@@ -71,7 +77,7 @@ def over_seeds(table: pd.DataFrame, *, level: float = metrics.CI_LEVEL) -> pd.Da
             half = st.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
         rows.append({**dict(zip(keys, key, strict=True)), **g[values].iloc[0].to_dict(),
                      "seeds": len(v),
-                     "mean": v.mean(), "lo": v.mean() - half, "hi": v.mean() + half})
+                     "mean": v.mean(), "lo": max(v.mean() - half, 0.0), "hi": min(v.mean() + half, 100.0)})
     return pd.DataFrame(rows)
 
 

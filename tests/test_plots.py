@@ -138,7 +138,9 @@ def test_rates_against_the_swept_parameter_with_base_and_sft_levels():
     assert len(fig.data) == 2  # one line a panel: the swept arms only, base and SFT drawn as levels
     safety = next(t for t in fig.data if t.xaxis == "x")
     assert list(safety.x) == [0.1, 0.5] and list(safety.y) == [55.0, 75.0]  # means over the two seeds
-    assert list(safety.error_y.array) == pytest.approx([63.53] * 2, abs=0.01)  # t(0.975, 1) x 10 / 2
+    # t(0.975, 1) x 10 / 2 = 63.53 either side, cut to the rates' range 0..100
+    assert list(safety.error_y.array) == pytest.approx([45.0, 25.0])
+    assert list(safety.error_y.arrayminus) == pytest.approx([55.0, 63.53], abs=0.01)
     levels = sorted((s.y0, s.line.dash) for s in fig.layout.shapes)
     assert levels == [(15.0, "dot"), (20.0, "dot"), (45.0, "dash"), (50.0, "dash")]
     texts = [a.text for a in fig.layout.annotations]
