@@ -204,7 +204,13 @@ class ProgressTail:
             self.out.flush()
 
     def _files(self) -> list[Path]:
-        return sorted(self.runs_root.glob(f"*/{self.run_id}/{PROGRESS_FILE}"))
+        # the stage's run directory, and the rows inside it (stage 04 evaluates each model in a folder of its own)
+        own = self.runs_root.glob(f"*/{self.run_id}/{PROGRESS_FILE}")
+        return sorted({*own, *self.runs_root.glob(f"*/{self.run_id}/*/{PROGRESS_FILE}")})
+
+    def _where(self, f: Path) -> str:
+        """The label of a progress file: the stage's, with the row's folder name for a row's file."""
+        return self.label if f.parent.name == self.run_id else f"{self.label} {f.parent.name}"
 
     def _tty(self) -> bool:
         return hasattr(self.out, "isatty") and self.out.isatty()
@@ -216,6 +222,7 @@ class ProgressTail:
     def poll(self) -> list[dict[str, Any]]:
         """Read new lines and show the latest state of each task; returns the new records."""
         new: list[dict[str, Any]] = []
+        where: list[str] = []
         for f in self._files():
             with f.open("rb") as fh:
                 fh.seek(self._offsets.get(f, 0))
@@ -227,11 +234,13 @@ class ProgressTail:
                     new.append(json.loads(line))
                 except ValueError:
                     continue
-        for rec in new:
-            if rec.get("closed") and self._done.get(rec["task"]) == rec["done"]:
+                where.append(self._where(f))
+        for rec, label in zip(new, where, strict=True):
+            key = f"{label}/{rec['task']}"
+            if rec.get("closed") and self._done.get(key) == rec["done"]:
                 continue  # the closing line repeats the last state shown
-            self._done[rec["task"]] = rec["done"]
-            self._show(f"[{self.label}] {describe(rec)}")
+            self._done[key] = rec["done"]
+            self._show(f"[{label}] {describe(rec)}")
         return new
 
     def _show(self, text: str) -> None:

@@ -77,6 +77,20 @@ def test_progress_file_rate_left_and_tail(tmp_path: Path) -> None:
         == "t: 3 turns, 0.60 turns/min"
 
 
+def test_the_tail_shows_each_evaluated_model_of_stage_04(tmp_path: Path) -> None:
+    """Stage 04 evaluates every model in a folder of its own inside its run directory; each one's judged
+    turns are shown under the model's folder name."""
+    out = io.StringIO()
+    with ProgressTail(tmp_path, "eval", "04", out=out, interval=60) as tail:
+        for row, done in (("base", 4), ("sft", 2)):
+            with Progress(tmp_path / "04_x" / "eval" / row, "judged turns", total=4, unit="turns", bar=False) as p:
+                p.advance(done)
+        tail.poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[04 base] judged turns: 4/4 turns (100%)")
+    assert lines[-1].startswith("[04 sft] judged turns: 2/4 turns (50%)")
+
+
 def test_trainer_callback_reports_steps_and_loss(tmp_path: Path) -> None:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
